@@ -1,0 +1,206 @@
+"""The Redis contract between the API and the worker: key names, stream fields, scripts.
+
+Both processes import this module and nothing else about Redis layout, so the wire
+format cannot drift between them. It imports neither torch nor FastAPI.
+
+Layout (prefix ``flava`` by default):
+
+- ``{p}:clips``            stream of claim-check entries (fields: :class:`ClipEntry`)
+- ``{p}:dead``             dead-letter stream (entry fields + ``reason`` + ``deliveries``)
+- ``{p}:blob:{id}``        the clip's bytes, with a TTL (claim-check)
+- ``{p}:clip:{id}``        hash: ``state`` (queued | learned | probed | dead), ``entry_id``,
+                           ``task``, ``purpose``, ``received_at``, ``reason``
+- ``{p}:emb:{id}``         hash: ``audio``/``video`` (float32 little-endian bytes), ``dim``,
+                           ``model_version``, ``step``, ``method``, ``written_at``
+- ``{p}:backlog``          integer: entries accepted and not yet acked (backpressure)
+- ``{p}:model``            hash: ``version``, ``step``, ``method``, ``updated_at``
+- ``{p}:workers``          sorted set: consumer name -> last heartbeat (unix seconds)
+
+Clip ids are the sha256 of the bytes, so a re-POST of the same clip is recognised.
+Every multi-key change happens inside one Lua script, so a crash never leaves an
+entry acked without its embedding, nor a clip marked queued without a stream entry.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+GROUP = "learners"
+PURPOSES = ("train", "probe")  # probe clips are embedded but never trained on
+TASK_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIP_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (tests and several deployments use distinct prefixes)."""
+
+    prefix: str = "flava"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:clips"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def backlog(self) -> str:
+        return f"{self.prefix}:backlog"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}:model"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def blob(self, clip_id: str) -> str:
+        return f"{self.prefix}:blob:{clip_id}"
+
+    def clip(self, clip_id: str) -> str:
+        return f"{self.prefix}:clip:{clip_id}"
+
+    def embedding(self, clip_id: str) -> str:
+        return f"{self.prefix}:emb:{clip_id}"
+
+
+@dataclass(frozen=True)
+class ClipEntry:
+    """The fields of one stream entry; the bytes themselves live at ``Keys.blob``."""
+
+    clip_id: str
+    size: int
+    content_type: str
+    task: str = ""
+    purpose: str = "train"
+    received_at: float = field(default_factory=time.time)
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> ClipEntry:
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        return cls(
+            clip_id=f["clip_id"],
+            size=int(f["size"]),
+            content_type=f.get("content_type", ""),
+            task=f.get("task", ""),
+            purpose=f.get("purpose", "train"),
+            received_at=float(f.get("received_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A clip's embeddings as the worker wrote them, stamped with the model that made them."""
+
+    audio: list[float]
+    video: list[float]
+    model_version: int
+    step: int
+    method: str
+    written_at: float
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        return {
+            "audio": pack_vector(self.audio),
+            "video": pack_vector(self.video),
+            "dim": str(len(self.audio)),
+            "model_version": str(self.model_version),
+            "step": str(self.step),
+            "method": self.method,
+            "written_at": repr(self.written_at),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> Embedding:
+        f = {_text(k): v for k, v in fields.items()}
+        return cls(
+            audio=unpack_vector(f["audio"]),
+            video=unpack_vector(f["video"]),
+            model_version=int(_text(f["model_version"])),
+            step=int(_text(f["step"])),
+            method=_text(f.get("method", b"")),
+            written_at=float(_text(f["written_at"])),
+        )
+
+
+def pack_vector(values) -> bytes:
+    """Float vector -> float32 little-endian bytes (accepts lists and numpy arrays)."""
+    values = list(map(float, values))
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def unpack_vector(data: bytes) -> list[float]:
+    """float32 little-endian bytes -> list of floats."""
+    if len(data) % 4:
+        raise ValueError(f"embedding blob of {len(data)} bytes is not a float32 vector")
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# KEYS: clip, blob, stream, backlog. ARGV: blob, ttl_s, max_backlog, then entry fields.
+# Returns {"queued", entry_id} | {"duplicate", state} | {"full", backlog}.
+INGEST_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then return {'duplicate', state} end
+local backlog = tonumber(redis.call('GET', KEYS[4]) or '0')
+if backlog >= tonumber(ARGV[3]) then return {'full', tostring(backlog)} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+redis.call('HSET', KEYS[1], 'state', 'queued', 'entry_id', id, unpack(fields))
+redis.call('INCR', KEYS[4])
+return {'queued', id}
+"""
+
+# KEYS: stream, clip, embedding, backlog, blob. ARGV: group, entry_id, state, emb fields.
+# Writes the embedding and the clip's state, then acks; returns 1 if this call acked.
+FINISH_SCRIPT = """
+if #ARGV > 3 then
+  local fields = {}
+  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[3], unpack(fields))
+end
+redis.call('HSET', KEYS[2], 'state', ARGV[3])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  redis.call('DECR', KEYS[4])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[5])
+end
+return acked
+"""
+
+# KEYS: stream, dead, clip, backlog, blob. ARGV: group, entry_id, reason, deliveries, fields.
+# The dead letter is written before the ack; returns 1 if this call acked.
+DEAD_LETTER_SCRIPT = """
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3],
+           'deliveries', ARGV[4], unpack(fields))
+redis.call('HSET', KEYS[3], 'state', 'dead', 'reason', ARGV[3])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  redis.call('DECR', KEYS[4])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[5])
+end
+return acked
+"""
+
+
+def flatten(fields: dict) -> list:
+    """{"a": 1, "b": 2} -> ["a", 1, "b", 2] (script ARGV order)."""
+    return [x for pair in fields.items() for x in pair]

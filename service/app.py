@@ -1,0 +1,280 @@
+"""The HTTP API: POST /ingest, GET /embed, health, readiness and metrics.
+
+It never imports torch: it validates uploads with PyAV headers and talks to Redis through
+:mod:`contract.wire`. Build it with :func:`create_app`; pass a Redis client in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import anyio
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from contract import wire
+from service import metrics
+from service.probe import ProbeError, probe_clip
+from service.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+RAW_TYPES = ("video/", "audio/", "application/octet-stream", "application/mp4")
+
+
+class ApiState:
+    """What every route needs: settings, the Redis client, key names, the ingest script."""
+
+    def __init__(self, settings: ApiSettings, client: aioredis.Redis):
+        self.settings = settings
+        self.redis = client
+        self.keys = wire.Keys(settings.key_prefix)
+        self.ingest_script = client.register_script(wire.INGEST_SCRIPT)
+
+
+def get_state(request: Request) -> ApiState:
+    return request.app.state.api
+
+
+State = Annotated[ApiState, Depends(get_state)]
+
+
+def require_token(request: Request, state: State) -> None:
+    """401 unless the bearer token matches FLAVA_API_TOKEN (when one is configured)."""
+    token = state.settings.api_token
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+Authorized = Annotated[None, Depends(require_token)]
+
+
+def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | None = None):
+    """Build the FastAPI app; it owns (and closes) the Redis client only if it made it."""
+    settings = settings or ApiSettings()
+    own_client = client is None
+    client = client or aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if own_client:
+            await client.aclose()
+
+    app = FastAPI(title="flava-stream", version="0.1.0", lifespan=lifespan)
+    app.state.api = ApiState(settings, client)
+    app.add_exception_handler(RedisConnectionError, _redis_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
+    _add_routes(app)
+    return app
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    metrics.REDIS_UP.set(0)
+    retry = request.app.state.api.settings.retry_after_s
+    log.warning("redis unavailable: %s", exc)
+    return JSONResponse(
+        {"detail": "queue unavailable (Redis unreachable); retry later"},
+        status_code=503,
+        headers={"Retry-After": str(retry)},
+    )
+
+
+def _add_routes(app: FastAPI) -> None:
+    app.post("/ingest", status_code=202)(ingest)
+    app.get("/embed")(embed)
+    app.get("/healthz")(healthz)
+    app.get("/readyz")(readyz)
+    app.get("/metrics")(metrics_endpoint)
+
+
+async def ingest(
+    request: Request,
+    state: State,
+    _: Authorized,
+    task: Annotated[str | None, Query(max_length=64, pattern=wire.TASK_PATTERN.pattern)] = None,
+    purpose: Annotated[str, Query(pattern="^(train|probe)$")] = "train",
+) -> JSONResponse:
+    """Accept one clip (raw body or multipart `file`); 202 with its clip_id once queued."""
+    started = time.perf_counter()
+    try:
+        data, content_type, form_task = await _read_upload(request, state.settings)
+        task = task or form_task or ""
+        await anyio.to_thread.run_sync(probe_clip, data, state.settings.probe_limits())
+        answer = await _enqueue(state, data, content_type, task, purpose)
+    except ProbeError as exc:
+        metrics.INGEST_REQUESTS.labels(exc.code).inc()
+        raise HTTPException(exc.status, {"code": exc.code, "reason": str(exc)}) from exc
+    metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+    return answer
+
+
+async def _read_upload(request: Request, settings: ApiSettings) -> tuple[bytes, str, str]:
+    """-> (clip bytes, content type, task from a form field); 4xx on anything unusable."""
+    content_type = request.headers.get("content-type", "application/octet-stream")
+    body = await _read_capped(request, settings.max_body_bytes)
+    if content_type.startswith("multipart/form-data"):
+        return await _from_multipart(request, body, settings.max_body_bytes)
+    if not content_type.startswith(RAW_TYPES):
+        raise ProbeError("unsupported_content_type", f"content type {content_type!r}", 415)
+    if not body:
+        raise ProbeError("empty_body", "the request body is empty", 400)
+    return body, content_type, ""
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProbeError("too_large", f"body of {declared} bytes exceeds {limit}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProbeError("too_large", f"body exceeds {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _from_multipart(request: Request, body: bytes, limit: int) -> tuple[bytes, str, str]:
+    async def once():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(request.headers, once(), max_part_size=limit).parse()
+    except MultiPartException as exc:
+        raise ProbeError("bad_multipart", f"malformed multipart body: {exc}", 400) from exc
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ProbeError("no_file", "multipart upload has no 'file' part", 422)
+    data = await upload.read()
+    if not data:
+        raise ProbeError("empty_body", "the uploaded file is empty", 400)
+    task = form.get("task")
+    task = task if isinstance(task, str) else ""
+    if task and not wire.TASK_PATTERN.match(task):
+        raise ProbeError("bad_task", "task must match [A-Za-z0-9_.:-]{1,64}", 422)
+    return data, upload.content_type or "application/octet-stream", task
+
+
+async def _enqueue(
+    state: ApiState, data: bytes, content_type: str, task: str, purpose: str
+) -> JSONResponse:
+    clip_id = hashlib.sha256(data).hexdigest()
+    entry = wire.ClipEntry(clip_id, len(data), content_type, task, purpose)
+    keys, s = state.keys, state.settings
+    outcome, detail = await state.ingest_script(
+        keys=[keys.clip(clip_id), keys.blob(clip_id), keys.stream, keys.backlog],
+        args=[data, s.blob_ttl_s, s.max_backlog, *wire.flatten(entry.to_fields())],
+    )
+    outcome, detail = outcome.decode(), detail.decode()
+    metrics.REDIS_UP.set(1)
+    metrics.INGEST_REQUESTS.labels(outcome).inc()
+    if outcome == "full":
+        metrics.BACKLOG.set(int(detail))
+        raise HTTPException(
+            429,
+            {"code": "backlog_full", "reason": f"{detail} clips waiting (limit {s.max_backlog})"},
+            {"Retry-After": str(s.retry_after_s)},
+        )
+    body = {"clip_id": clip_id, "task": task, "purpose": purpose}
+    if outcome == "duplicate":
+        return JSONResponse({**body, "status": "duplicate", "state": detail}, status_code=200)
+    metrics.INGEST_BYTES.inc(len(data))
+    return JSONResponse({**body, "status": "queued", "entry_id": detail}, status_code=202)
+
+
+async def embed(
+    state: State,
+    _: Authorized,
+    clip_id: Annotated[str, Query(pattern=wire.CLIP_ID_PATTERN.pattern)],
+) -> JSONResponse:
+    """A clip's embeddings (200), or pending (202), unknown (404), dead-lettered (410)."""
+    started = time.perf_counter()
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.hgetall(state.keys.clip(clip_id))
+    pipe.hgetall(state.keys.embedding(clip_id))
+    clip, emb = await pipe.execute()
+    answer = _embed_answer(clip_id, clip, emb)
+    metrics.EMBED_REQUESTS.labels(str(answer.status_code)).inc()
+    metrics.EMBED_SECONDS.observe(time.perf_counter() - started)
+    return answer
+
+
+def _embed_answer(clip_id: str, clip: dict, emb: dict) -> JSONResponse:
+    if not clip:
+        return JSONResponse({"clip_id": clip_id, "status": "unknown"}, status_code=404)
+    state = clip[b"state"].decode()
+    if state == "dead":
+        reason = clip.get(b"reason", b"").decode()
+        return JSONResponse({"clip_id": clip_id, "status": "dead", "reason": reason}, 410)
+    if not emb:
+        return JSONResponse({"clip_id": clip_id, "status": "pending", "state": state}, 202)
+    e = wire.Embedding.from_fields(emb)
+    return JSONResponse(
+        {
+            "clip_id": clip_id,
+            "status": "ready",
+            "state": state,
+            "model_version": e.model_version,
+            "step": e.step,
+            "method": e.method,
+            "written_at": e.written_at,
+            "dim": len(e.audio),
+            "audio": e.audio,
+            "video": e.video,
+        }
+    )
+
+
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+async def readyz(state: State) -> JSONResponse:
+    """Readiness: Redis answers and some worker sent a heartbeat recently."""
+    await state.redis.ping()
+    metrics.REDIS_UP.set(1)
+    newest = await state.redis.zrevrange(state.keys.workers, 0, 0, withscores=True)
+    age = time.time() - newest[0][1] if newest else None
+    ready = age is not None and age <= state.settings.heartbeat_max_age_s
+    body = {"redis": "ok", "worker_heartbeat_age_s": age, "ready": ready}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics_endpoint(state: State) -> Response:
+    """Prometheus metrics of this process (queue depth read from Redis at scrape time)."""
+    try:
+        backlog, dead = await _queue_depths(state)
+        metrics.BACKLOG.set(backlog)
+        metrics.DEAD_LETTERS.set(dead)
+        metrics.REDIS_UP.set(1)
+    except (RedisConnectionError, RedisTimeoutError):
+        metrics.REDIS_UP.set(0)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _queue_depths(state: ApiState) -> tuple[int, int]:
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.get(state.keys.backlog)
+    pipe.xlen(state.keys.dead)
+    backlog, dead = await pipe.execute()
+    return int(backlog or 0), int(dead)

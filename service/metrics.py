@@ -1,0 +1,22 @@
+"""Prometheus metrics of the API process (module constants: defined once per process)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGEST_REQUESTS = Counter(
+    "flava_ingest_requests_total", "POST /ingest answers by outcome", ["outcome"]
+)
+INGEST_BYTES = Counter("flava_ingest_bytes_total", "Bytes of clips accepted into the queue")
+INGEST_SECONDS = Histogram(
+    "flava_ingest_seconds",
+    "Time to validate and enqueue one upload",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EMBED_REQUESTS = Counter("flava_embed_requests_total", "GET /embed answers by outcome", ["outcome"])
+EMBED_SECONDS = Histogram(
+    "flava_embed_seconds",
+    "Time to answer GET /embed",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+BACKLOG = Gauge("flava_backlog_clips", "Clips accepted and not yet acked by a worker")
+DEAD_LETTERS = Gauge("flava_dead_letter_clips", "Entries in the dead-letter stream")
+REDIS_UP = Gauge("flava_api_redis_up", "1 if the API reached Redis on its last try")

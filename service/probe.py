@@ -1,0 +1,123 @@
+"""Cheap validation of an uploaded clip with PyAV: open, inspect streams, decode a frame each.
+
+Runs in the API process (no torch). It reads container headers and decodes at most one
+video frame and one audio frame, so a 10 s clip costs a few milliseconds, not a full decode.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import av
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    """What the API accepts; each limit has a reason code in :class:`ProbeError`."""
+
+    max_duration_s: float = 60.0  # the learner uses the first 10 s; longer uploads waste Redis
+    min_duration_s: float = 0.2  # shorter clips carry too little audio for one fbank window
+    max_width: int = 3840
+    max_height: int = 2160
+    max_streams: int = 8  # real clips have 2-4; dozens is an attack on the demuxer
+    max_probe_packets: int = 400  # packets demuxed while looking for a first frame of each
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    format: str
+    duration_s: float
+    width: int
+    height: int
+    sample_rate: int
+    streams: int
+
+
+class ProbeError(ValueError):
+    """A rejected upload; ``code`` is a stable machine-readable reason, ``status`` the HTTP one."""
+
+    def __init__(self, code: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def probe_clip(data: bytes, limits: ProbeLimits) -> ProbeResult:
+    """Validate ``data`` as an audio-video clip; raise :class:`ProbeError` with a reason."""
+    try:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+            return _inspect(container, limits)
+    except ProbeError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, EOFError) as exc:
+        raise ProbeError("undecodable", f"not a decodable media file: {exc}", 415) from exc
+
+
+def _inspect(container, limits: ProbeLimits) -> ProbeResult:
+    streams = container.streams
+    if len(streams) > limits.max_streams:
+        raise ProbeError("too_many_streams", f"{len(streams)} streams > {limits.max_streams}")
+    if not streams.video:
+        raise ProbeError("no_video", "the file has no video stream")
+    if not streams.audio:
+        raise ProbeError("no_audio", "the file has no audio stream")
+    video, audio = streams.video[0], streams.audio[0]
+    _check_size(video.codec_context.width, video.codec_context.height, limits)
+    duration = _duration(container, video, audio)
+    _check_duration(duration, limits)
+    _decode_first_frames(container, video, audio, limits)
+    return ProbeResult(
+        format=container.format.name,
+        duration_s=duration,
+        width=video.codec_context.width,
+        height=video.codec_context.height,
+        sample_rate=audio.codec_context.sample_rate or 0,
+        streams=len(streams),
+    )
+
+
+def _check_size(width: int, height: int, limits: ProbeLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise ProbeError("bad_resolution", f"video stream has no valid size ({width}x{height})")
+    if width > limits.max_width or height > limits.max_height:
+        raise ProbeError(
+            "resolution_too_large",
+            f"{width}x{height} exceeds {limits.max_width}x{limits.max_height}",
+        )
+
+
+def _duration(container, video, audio) -> float:
+    """Seconds, from the container header, else from the longest stream header."""
+    if container.duration:
+        return container.duration / av.time_base
+    spans = [float(s.duration * s.time_base) for s in (video, audio) if s.duration and s.time_base]
+    return max(spans, default=0.0)
+
+
+def _check_duration(duration: float, limits: ProbeLimits) -> None:
+    if duration > limits.max_duration_s:
+        raise ProbeError(
+            "too_long", f"duration {duration:.1f} s exceeds {limits.max_duration_s:.0f} s"
+        )
+    if duration < limits.min_duration_s:
+        raise ProbeError(
+            "too_short", f"duration {duration:.2f} s is under {limits.min_duration_s} s"
+        )
+
+
+def _decode_first_frames(container, video, audio, limits: ProbeLimits) -> None:
+    """Decode until one video and one audio frame came out; a file that can't is refused."""
+    need = {video.index: "video", audio.index: "audio"}
+    for n, packet in enumerate(container.demux(video, audio)):
+        if n >= limits.max_probe_packets:
+            break
+        if packet.stream.index in need and packet.decode():
+            del need[packet.stream.index]
+        if not need:
+            return
+    missing = " and ".join(sorted(need.values()))
+    raise ProbeError("undecodable", f"no decodable {missing} frame in the file", 415)

@@ -1,0 +1,44 @@
+"""API settings, read from the environment with the ``FLAVA_`` prefix."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.probe import ProbeLimits
+
+
+class ApiSettings(BaseSettings):
+    """Everything the API process needs; ``FLAVA_REDIS_URL`` etc. override each field."""
+
+    model_config = SettingsConfigDict(env_prefix="FLAVA_", extra="ignore")
+
+    environment: Literal["dev", "production"] = "dev"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "flava"
+    api_token: str | None = None  # when set, /ingest and /embed need "Bearer <token>"
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_duration_s: float = 60.0
+    max_width: int = 3840
+    max_height: int = 2160
+    max_streams: int = 8
+    blob_ttl_s: int = 24 * 3600  # claim-check bytes expire if no worker ever takes them
+    max_backlog: int = 2000  # accepted-but-unacked entries before /ingest answers 429
+    retry_after_s: int = 5
+    heartbeat_max_age_s: float = 30.0  # /readyz wants a worker heartbeat this fresh
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> ApiSettings:
+        if self.environment == "production" and not self.api_token:
+            raise ValueError("FLAVA_API_TOKEN must be set when FLAVA_ENVIRONMENT=production")
+        return self
+
+    def probe_limits(self) -> ProbeLimits:
+        return ProbeLimits(
+            max_duration_s=self.max_duration_s,
+            max_width=self.max_width,
+            max_height=self.max_height,
+            max_streams=self.max_streams,
+        )

@@ -1,0 +1,185 @@
+"""The API against a real Redis and real encoded media (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from contract import wire
+from service.app import create_app
+from service.settings import ApiSettings
+from tests.worker.core.media_fixtures import ClipSpec, encode_clip
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return encode_clip(ClipSpec(seconds=1.0))
+
+
+@pytest.fixture
+def settings(redis_url, prefix) -> ApiSettings:
+    return ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=200_000)
+
+
+@pytest.fixture
+def api(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def sync_redis(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_ingest_queues_clip_with_claim_check(api, clip, sync_redis, prefix):
+    r = api.post("/ingest?task=seg-1", content=clip, headers={"Content-Type": "video/mp4"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["clip_id"] == hashlib.sha256(clip).hexdigest()
+    keys = wire.Keys(prefix)
+    assert sync_redis.get(keys.blob(body["clip_id"])) == clip
+    assert 0 < sync_redis.ttl(keys.blob(body["clip_id"])) <= 24 * 3600
+    ((entry_id, fields),) = sync_redis.xrange(keys.stream)
+    entry = wire.ClipEntry.from_fields(fields)
+    assert (entry.clip_id, entry.size, entry.task) == (body["clip_id"], len(clip), "seg-1")
+    assert sum(len(v) for v in fields.values()) < 500  # the bytes are not in the entry
+    assert int(sync_redis.get(keys.backlog)) == 1
+
+
+def test_reposting_same_bytes_is_not_queued_twice(api, clip, sync_redis, prefix):
+    first = api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"})
+    second = api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"})
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert second.json()["status"] == "duplicate"
+    assert sync_redis.xlen(wire.Keys(prefix).stream) == 1
+
+
+def test_multipart_upload_with_task_field(api, clip):
+    r = api.post("/ingest", files={"file": ("a.mp4", clip, "video/mp4")}, data={"task": "t7"})
+    assert r.status_code == 202, r.text
+    assert r.json()["task"] == "t7"
+
+
+@pytest.mark.parametrize(
+    ("content", "ctype", "status", "code"),
+    [
+        (b"", "video/mp4", 400, "empty_body"),
+        (os.urandom(5000), "video/mp4", 415, "undecodable"),
+        (b"hello world", "text/plain", 415, "unsupported_content_type"),
+        (b"x" * 300_000, "video/mp4", 413, "too_large"),
+    ],
+)
+def test_bad_bodies_get_specific_4xx(api, content, ctype, status, code, sync_redis, prefix):
+    r = api.post("/ingest", content=content, headers={"Content-Type": ctype})
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]["code"] == code
+    assert sync_redis.xlen(wire.Keys(prefix).stream) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "code"),
+    [
+        (ClipSpec(seconds=1.0, video_codec=None), "no_video"),
+        (ClipSpec(seconds=1.0, audio_codec=None), "no_audio"),
+    ],
+)
+def test_single_stream_files_are_refused(api, spec, code):
+    r = api.post("/ingest", content=encode_clip(spec), headers={"Content-Type": "video/mp4"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]["code"] == code
+
+
+def test_truncated_file_is_refused(api, clip):
+    r = api.post("/ingest", content=clip[: len(clip) // 3], headers={"Content-Type": "video/mp4"})
+    assert r.status_code in (415, 422), r.text
+
+
+def test_multipart_without_file_is_refused(api):
+    r = api.post("/ingest", data={"task": "x"}, files={"other": ("a.txt", b"abc", "text/plain")})
+    assert r.status_code == 422
+    assert r.json()["detail"]["code"] == "no_file"
+
+
+def test_embed_states(api, clip, sync_redis, prefix):
+    unknown = api.get("/embed", params={"clip_id": "0" * 64})
+    assert unknown.status_code == 404 and unknown.json()["status"] == "unknown"
+    assert api.get("/embed", params={"clip_id": "nothex"}).status_code == 422
+    cid = api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"}).json()["clip_id"]
+    pending = api.get("/embed", params={"clip_id": cid})
+    assert pending.status_code == 202 and pending.json()["status"] == "pending"
+    emb = wire.Embedding(
+        [0.5, -1.0], [2.0, 0.25], model_version=3, step=4, method="m", written_at=1.5
+    )
+    sync_redis.hset(wire.Keys(prefix).embedding(cid), mapping=emb.to_fields())
+    sync_redis.hset(wire.Keys(prefix).clip(cid), "state", "learned")
+    ready = api.get("/embed", params={"clip_id": cid}).json()
+    assert ready["status"] == "ready"
+    assert (ready["audio"], ready["video"], ready["model_version"]) == ([0.5, -1.0], [2.0, 0.25], 3)
+
+
+def test_backlog_limit_answers_429(redis_url, prefix, clip):
+    settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, max_backlog=1)
+    with TestClient(create_app(settings)) as api:
+        assert (
+            api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"}).status_code
+            == 202
+        )
+        other = encode_clip(ClipSpec(seconds=1.0, tone_hz=500.0))
+        r = api.post("/ingest", content=other, headers={"Content-Type": "video/mp4"})
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) > 0
+
+
+def test_token_required_when_configured(redis_url, prefix, clip):
+    settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, api_token=TOKEN)
+    with TestClient(create_app(settings)) as api:
+        assert api.post("/ingest", content=clip).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert api.get("/embed", params={"clip_id": "0" * 64}, headers=wrong).status_code == 401
+        good = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "video/mp4"}
+        assert api.post("/ingest", content=clip, headers=good).status_code == 202
+        assert api.get("/healthz").status_code == 200
+        assert api.get("/metrics").status_code == 200
+
+
+def test_production_requires_token():
+    with pytest.raises(ValueError, match="FLAVA_API_TOKEN"):
+        ApiSettings(environment="production")
+
+
+def test_readyz_needs_fresh_worker_heartbeat(api, sync_redis, prefix):
+    import time
+
+    assert api.get("/readyz").status_code == 503
+    sync_redis.zadd(wire.Keys(prefix).workers, {"w1": time.time()})
+    assert api.get("/readyz").json()["ready"] is True
+
+
+def test_redis_down_answers_503(clip):
+    settings = ApiSettings(redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as api:
+        r = api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"})
+    assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+def test_metrics_count_outcomes(api, clip):
+    api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"})
+    text = api.get("/metrics").text
+    assert 'flava_ingest_requests_total{outcome="queued"}' in text
+    assert "flava_backlog_clips" in text
+
+
+def test_service_does_not_import_torch():
+    code = "import sys, service.app; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.getcwd()).returncode == 0
