@@ -106,7 +106,7 @@ class ClipSpec:
 
     segment: int  # the task this clip belongs to
     label: int  # class of the sounding object
-    seed: int  # per-clip randomness: motion, background, pitch jitter, noise
+    seed: int  # per-clip randomness (>= 0): motion, background, pitch jitter, noise
     label2: int | None = None  # class of an optional second sounding object
 
     @property
@@ -254,7 +254,8 @@ def _random_track(rng: np.random.Generator, cfg: StreamConfig, label: int, size:
 
 def _spec_rngs(spec: ClipSpec) -> dict[str, np.random.Generator]:
     """Independent generators for motion, video and audio, all fixed by the spec."""
-    root = np.random.SeedSequence([spec.seed, spec.segment, spec.label, spec.label2 or 0])
+    second = 0 if spec.label2 is None else spec.label2 + 1
+    root = np.random.SeedSequence([spec.seed, spec.segment, spec.label, second])
     names = ("motion", "video", "audio")
     return {n: np.random.default_rng(s) for n, s in zip(names, root.spawn(3), strict=True)}
 
@@ -281,28 +282,41 @@ def _muted_colours(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(*c) for c in hsv], dtype=np.float32) * 255.0
 
 
+def _gradient(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    along = x * np.cos(angle := rng.uniform(0.0, np.pi)) + y * np.sin(angle)
+    return (along - along.min()) / (along.max() - along.min())
+
+
+def _stripes(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    along = x * np.cos(angle := rng.uniform(0.0, np.pi)) + y * np.sin(angle)
+    return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(4.0, 10.0) * along)
+
+
+def _checker(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    cells = int(rng.integers(4, 10))
+    return (((x * cells).astype(int) + (y * cells).astype(int)) % 2).astype(np.float32)
+
+
+def _blobs(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear upsampling of a 6 x 6 grid of random values: soft blotches."""
+    coarse = rng.random((6, 6)).astype(np.float32)
+    idx = x[0] * 5.0
+    lo = np.minimum(idx.astype(int), 4)
+    w = idx - lo
+    rows = coarse[lo] * (1 - w[:, None]) + coarse[lo + 1] * w[:, None]
+    return rows[:, lo] * (1 - w[None, :]) + rows[:, lo + 1] * w[None, :]
+
+
+TEXTURES = {"gradient": _gradient, "stripes": _stripes, "checker": _checker, "blobs": _blobs}
+
+
 def _texture(rng: np.random.Generator, style: str, size: int) -> np.ndarray:
     """(size, size) float32 blend weights in [0, 1] for a background style."""
+    if style not in TEXTURES:
+        raise ValueError(f"unknown background style {style!r}")
     grid = np.arange(size, dtype=np.float32) / size
-    x, y = grid[None, :], grid[:, None]
-    angle = rng.uniform(0.0, np.pi)
-    along = x * np.cos(angle) + y * np.sin(angle)
-    if style == "gradient":
-        return np.broadcast_to((along - along.min()) / (along.max() - along.min()), (size, size))
-    if style == "stripes":
-        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(4.0, 10.0) * along)
-    if style == "checker":
-        cells = int(rng.integers(4, 10))
-        ix, iy = (x * cells).astype(int), (y * cells).astype(int)
-        return ((ix + iy) % 2).astype(np.float32)
-    if style == "blobs":
-        coarse = rng.random((6, 6)).astype(np.float32)
-        idx = np.linspace(0, 5, size)
-        lo = np.floor(idx).astype(int).clip(0, 4)
-        w = (idx - lo).astype(np.float32)
-        rows = coarse[lo] * (1 - w[:, None]) + coarse[lo + 1] * w[:, None]
-        return rows[:, lo] * (1 - w[None, :]) + rows[:, lo + 1] * w[None, :]
-    raise ValueError(f"unknown background style {style!r}")
+    x, y = np.broadcast_arrays(grid[None, :], grid[:, None])
+    return TEXTURES[style](rng, x, y).astype(np.float32)
 
 
 def render_background(rng: np.random.Generator, style: str, size: int) -> np.ndarray:
@@ -323,7 +337,7 @@ def _track_colour(cfg: StreamConfig, track: Track, rng: np.random.Generator) -> 
     """(3,) float32 colour: the class hue with slight brightness jitter; grey for distractors."""
     if not track.sounding:
         return np.full(3, rng.uniform(90.0, 200.0), dtype=np.float32)
-    return class_colour(cfg, track.label) * rng.uniform(0.85, 1.05)
+    return class_colour(cfg, track.label) * np.float32(rng.uniform(0.85, 1.05))
 
 
 def _track_mask(track: Track, rng: np.random.Generator) -> np.ndarray:

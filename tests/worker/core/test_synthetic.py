@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from worker.core.synthetic import (
+    BACKGROUNDS,
     SHAPES,
     ClipSpec,
     StreamConfig,
@@ -17,6 +18,7 @@ from worker.core.synthetic import (
     encode_mp4,
     make_clip,
     render_audio,
+    render_background,
     render_clip,
     render_video,
     segment_classes,
@@ -346,3 +348,14 @@ def test_a_linear_map_learns_which_sound_goes_with_which_object():
     accuracy = np.mean([labels[j] == labels[i] for i, j in enumerate(retrieved)])
     chance = 1.0 / cfg.classes_per_segment  # the most a per-segment guess could reach
     assert accuracy > 2 * chance
+
+
+@pytest.mark.parametrize("style", BACKGROUNDS)
+def test_background_styles_are_textured_muted_and_seeded(style):
+    first = render_background(np.random.default_rng(0), style, 64)
+    assert first.shape == (64, 64, 3) and first.dtype == np.float32
+    assert np.array_equal(first, render_background(np.random.default_rng(0), style, 64))
+    assert not np.array_equal(first, render_background(np.random.default_rng(1), style, 64))
+    assert first.min() >= 0.0 and first.max() <= 255.0
+    chroma = first.max(axis=-1) - first.min(axis=-1)
+    assert chroma.max() < 70  # muted, so the saturated object stands out
