@@ -446,6 +446,7 @@ def _add_video_stream(
     zerolatency (no B-frames, no lookahead) halves x264's time on these short, noisy clips."""
     name = codec if _has_encoder(codec) else "mpeg4"
     stream = out.add_stream(name, rate=fps)
+    assert isinstance(stream, av.video.stream.VideoStream)
     stream.height, stream.width = size
     stream.pix_fmt = "yuv420p"
     if name == "libx264":
@@ -456,7 +457,10 @@ def _add_video_stream(
     return stream
 
 
-def _mux_video(out: av.container.OutputContainer, stream, frames: np.ndarray) -> None:
+def _mux_video(
+    out: av.container.OutputContainer, stream: av.video.stream.VideoStream, frames: np.ndarray
+) -> None:
+    """Encode and mux frames (T, H, W, 3) uint8 at pts 0, 1, ... (time base 1/fps)."""
     for i, rgb in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = i
@@ -474,7 +478,10 @@ def _add_audio_stream(
     return stream
 
 
-def _mux_audio(out: av.container.OutputContainer, stream, audio: np.ndarray) -> None:
+def _mux_audio(
+    out: av.container.OutputContainer, stream: av.audio.stream.AudioStream, audio: np.ndarray
+) -> None:
+    """Encode and mux audio (N,) float32 as one frame; the encoder splits it into AAC frames."""
     frame = av.AudioFrame.from_ndarray(audio[None, :], format="fltp", layout="mono")
     frame.sample_rate, frame.pts = stream.rate, 0
     out.mux(stream.encode(frame))
