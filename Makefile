@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates/updates .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck bench-continual bench-perf bench-chaos clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned: this exact version is a CPU build on this machine's disk; others pull CUDA
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m flava demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service worker contract flava bench tests
+	$(VENV)/bin/ruff format --check service worker contract flava bench tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy service worker contract
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

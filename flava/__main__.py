@@ -1,0 +1,5 @@
+import sys
+
+from flava.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The ``flava`` command: serve, worker, demo, push.
+
+Each subcommand imports only what it needs, so ``flava serve`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.run(args) or 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flava", description=__doc__)
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (settings from FLAVA_* env)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
+
+    worker = sub.add_parser("worker", help="run the online learner (settings from FLAVA_* env)")
+    worker.set_defaults(run=_worker)
+
+    demo = sub.add_parser("demo", help="the whole service on an embedded Redis, end to end")
+    demo.add_argument("--segments", type=int, default=3)
+    demo.add_argument("--clips-per-segment", type=int, default=48)
+    demo.add_argument("--probes-per-segment", type=int, default=16)
+    demo.add_argument("--method", default=None, help="continual method (default: worker's)")
+    demo.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    demo.set_defaults(run=_demo)
+
+    push = sub.add_parser("push", help="POST clip files, or a generated stream, to /ingest")
+    push.add_argument("files", nargs="*", type=Path)
+    push.add_argument("--url", default="http://127.0.0.1:8000")
+    push.add_argument("--token", default=None)
+    push.add_argument("--task", default=None)
+    push.add_argument("--synthetic", type=int, default=0, help="generate N clips per segment")
+    push.set_defaults(run=_push)
+    return p
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _worker(args) -> int:
+    from worker.main import run_worker
+
+    run_worker()
+    return 0
+
+
+def _demo(args) -> int:
+    from flava.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        segments=args.segments,
+        clips_per_segment=args.clips_per_segment,
+        probes_per_segment=args.probes_per_segment,
+        method=args.method,
+        workdir=args.workdir,
+    )
+    return run_demo(cfg)
+
+
+def _push(args) -> int:
+    from flava.push import push_files, push_synthetic
+
+    if args.synthetic:
+        return push_synthetic(args.url, args.token, args.synthetic)
+    if not args.files:
+        print("flava push: give clip files or --synthetic N", file=sys.stderr)
+        return 2
+    return push_files(args.url, args.token, args.files, args.task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The worker loop on a real Redis with real encoded clips and the real tiny learner."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from contract import wire
+from tests.worker.test_queue import enqueue
+from worker.core.synthetic import StreamConfig, make_clip, segment_specs
+from worker.runner import Worker
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[bytes]:
+    cfg = StreamConfig(num_segments=2)
+    specs = segment_specs(cfg, 0, 6, seed=1) + segment_specs(cfg, 1, 2, seed=1)
+    return [make_clip(s, cfg) for s in specs]
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def settings(redis_url, prefix, tmp_path) -> WorkerSettings:
+    return WorkerSettings(
+        redis_url=redis_url, key_prefix=prefix, consumer="w1", batch_size=4, block_ms=50,
+        checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1000, decode_threads=2,
+    )
+
+
+def started(settings, client) -> Worker:
+    w = Worker(settings, client)
+    w.start()
+    return w
+
+
+def test_batch_is_learned_embedded_and_acked(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:4]]
+    w = started(settings, client)
+    report = w.iterate()
+    assert (report.learned, report.dead) == (4, 0)
+    assert report.stats is not None and report.stats.loss > 0
+    for cid in ids:
+        emb = wire.Embedding.from_fields(client.hgetall(keys.embedding(cid)))
+        assert emb.model_version == 1 and emb.step == 1
+        assert len(emb.audio) == len(emb.video) == w.model_cfg.dim
+    assert w.queue.depths() == (0, 0, 0)
+
+
+def test_undecodable_clip_is_dead_lettered_and_worker_goes_on(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    bad = enqueue(client, keys, b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    good = [enqueue(client, keys, c) for c in clips[:2]]
+    report = started(settings, client).iterate()
+    assert (report.learned, report.dead) == (2, 1)
+    assert "Undecodable" in report.reasons[0] or "NoVideo" in report.reasons[0]
+    assert client.hget(keys.clip(bad), "state") == b"dead"
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in good)
+
+
+def test_duplicate_delivery_is_not_trained_twice(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    cid = enqueue(client, keys, clips[0])
+    w = started(settings, client)
+    w.iterate()
+    entry = wire.ClipEntry(cid, len(clips[0]), "video/mp4")
+    client.xadd(keys.stream, entry.to_fields())  # a stray second entry for a learned clip
+    report = w.iterate()
+    assert (report.duplicates, report.learned) == (1, 0)
+    assert w.counters.version == 1
+
+
+def test_probe_clips_are_embedded_but_not_trained(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    cid = enqueue(client, keys, clips[5], purpose="probe")
+    w = started(settings, client)
+    report = w.iterate()
+    assert (report.probed, report.learned, w.counters.version) == (1, 0, 0)
+    assert client.hget(keys.clip(cid), "state") == b"probed"
+    assert wire.Embedding.from_fields(client.hgetall(keys.embedding(cid))).model_version == 0
+
+
+def test_over_delivered_entry_is_dead_lettered(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    settings.max_deliveries = 1
+    cid = enqueue(client, keys, clips[0])
+    first = Worker(settings, client)
+    first.start()
+    first.queue.next_batch(4, 10)  # delivered, then the worker "crashes"
+    report = started(settings, client).iterate()
+    assert report.dead == 1 and "delivered 2 times" in report.reasons[0]
+    assert client.hget(keys.clip(cid), "state") == b"dead"
+
+
+def test_restart_resumes_from_checkpoint_versions_never_go_back(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    for c in clips[:4]:
+        enqueue(client, keys, c)
+    w = started(settings, client)
+    w.iterate()
+    w.checkpoint()
+    weights = {k: v.clone() for k, v in w.learner.model.state_dict().items()}
+    for c in clips[4:8]:
+        enqueue(client, keys, c)
+    w.iterate()  # version 2 published, not checkpointed
+    w.heartbeat(force=True)
+    again = started(settings, client)
+    assert again.counters.step == 1
+    assert again.counters.version == 2  # the published version wins over the checkpoint's 1
+    restored = again.learner.model.state_dict()
+    assert all(bool((restored[k] == v).all()) for k, v in weights.items())
+
+
+def test_run_stops_on_event_and_checkpoints(settings, client, clips, prefix, tmp_path):
+    keys = wire.Keys(prefix)
+    for c in clips[:4]:
+        enqueue(client, keys, c)
+    settings.max_steps = 1
+    w = Worker(settings, client)
+    w.run(threading.Event())
+    assert w.counters.version == 1
+    assert list((tmp_path / "ckpt").glob("ckpt-0000000001.pt"))
+
+

@@ -1,0 +1,46 @@
+"""Entry point of the worker process: logging, signals, metrics server, the loop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import redis
+from prometheus_client import start_http_server
+
+from worker.runner import Worker
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT: stop reading, finish the batch in hand, ack, checkpoint, exit 0."""
+
+    def handle(signum, _frame):
+        log.info("signal %s: finishing the batch in hand, then stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def run_worker(settings: WorkerSettings | None = None) -> None:
+    settings = settings or WorkerSettings()
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+    log.info(
+        "worker %s: method=%s preset=%s redis=%s",
+        settings.consumer,
+        settings.method,
+        settings.preset,
+        settings.redis_url,
+    )
+    try:
+        Worker(settings, client).run(stop)
+    finally:
+        client.close()

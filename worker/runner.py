@@ -1,0 +1,318 @@
+"""The worker process: consume the clip stream, learn online, publish versioned embeddings.
+
+One iteration: read a batch of deliveries -> drop duplicates and over-delivered entries ->
+fetch the clips' bytes -> decode (thread pool) -> one update of the learner on the batch's
+training clips -> embed every clip with the updated model -> write each embedding and ack
+it in one script -> heartbeat, metrics, checkpoint every N steps.
+
+A crash anywhere before the ack means redelivery, never loss; a clip that cannot be
+decoded goes to the dead-letter stream with its reason and the worker keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from contract import wire
+from worker import telemetry
+from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
+from worker.core.media import Clip, MediaError, decode_clip
+from worker.core.model import preset
+from worker.queue import ClipQueue, Delivery
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+
+
+@dataclass
+class Counters:
+    """What survives a restart through the checkpoint (versions never go backwards)."""
+
+    version: int = 0  # incremented by every applied update
+    step: int = 0  # updates attempted, skipped ones included
+    clips_learned: int = 0
+    clips_probed: int = 0
+    clips_dead: int = 0
+
+
+@dataclass
+class BatchReport:
+    learned: int = 0
+    probed: int = 0
+    dead: int = 0
+    duplicates: int = 0
+    stats: StepStats | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Worker:
+    """A learner bound to a Redis consumer; ``run`` loops until ``stop`` is set."""
+
+    def __init__(
+        self, settings: WorkerSettings, client: redis.Redis, learner: Learner | None = None
+    ):
+        self.settings = settings
+        self.queue = ClipQueue(
+            client, wire.Keys(settings.key_prefix), settings.consumer, settings.claim_min_idle_ms
+        )
+        self.model_cfg = preset(settings.preset)
+        self.media_cfg = self.model_cfg.media()
+        self.learner = learner or build_learner(
+            settings.method,
+            self.model_cfg,
+            LearnerConfig(seed=settings.seed),
+            device=str(pick_device(settings.device)),
+        )
+        self.counters = Counters()
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._last_heartbeat = 0.0
+        self._last_checkpoint_step = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Restore the newest checkpoint, join the group, re-claim own pending entries."""
+        self.restore()
+        self._retry(self.queue.ensure_group)
+        published = self._retry(self.queue.published_version)
+        self.counters.version = max(self.counters.version, published)
+        self._retry(self.queue.claim_own_pending)
+        self._retry(self.heartbeat, force=True)
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until ``stop`` is set or ``max_steps`` updates were taken, then checkpoint."""
+        self.start()
+        try:
+            while not stop.is_set() and not self._reached_max_steps():
+                self._retry(self.iterate, stop=stop)
+        finally:
+            self.checkpoint()
+            self.pool.shutdown(wait=True)
+            log.info("worker stopped at version %d", self.counters.version)
+
+    def iterate(self) -> BatchReport | None:
+        try:
+            deliveries = self.queue.next_batch(self.settings.batch_size, self.settings.block_ms)
+            report = self.process(deliveries) if deliveries else None
+            self.heartbeat()
+        except REDIS_ERRORS:
+            self.queue.reread_pending()  # what was delivered before the outage comes back first
+            raise
+        return report
+
+    def _reached_max_steps(self) -> bool:
+        return 0 < self.settings.max_steps <= self.counters.step
+
+    # ---- one batch -------------------------------------------------------------------
+    def process(self, deliveries: list[Delivery]) -> BatchReport:
+        """Learn from a batch of deliveries and ack each of them (or dead-letter it)."""
+        started = time.perf_counter()
+        report = BatchReport()
+        fresh = self._drop_settled(deliveries, report)
+        clips = self._decode_all(fresh, report)
+        if clips:
+            report.stats = self._learn(clips)
+            self._publish(clips, report)
+        telemetry.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.counters.clips_dead += report.dead
+        return report
+
+    def _drop_settled(self, deliveries: list[Delivery], report: BatchReport) -> list[Delivery]:
+        """Dead-letter over-delivered entries; ack duplicates of clips already learned."""
+        fresh = []
+        for d, state in zip(deliveries, self.queue.clip_state(deliveries), strict=True):
+            if d.deliveries > self.settings.max_deliveries:
+                self._dead(d, f"delivered {d.deliveries} times without finishing", report)
+            elif state in ("learned", "probed", "dead"):
+                self.queue.finish(d, None, state)
+                report.duplicates += 1
+                telemetry.CLIPS.labels("duplicate").inc()
+            else:
+                fresh.append(d)
+        return fresh
+
+    def _decode_all(self, deliveries: list[Delivery], report: BatchReport):
+        """-> [(delivery, Clip)] for the clips that decode; the rest are dead-lettered."""
+        blobs = self.queue.fetch_blobs(deliveries)
+        futures = [
+            (d, self.pool.submit(self._decode, blob))
+            for d, blob in zip(deliveries, blobs, strict=True)
+        ]
+        decoded = []
+        for d, future in futures:
+            clip_or_reason = future.result()
+            if isinstance(clip_or_reason, str):
+                self._dead(d, clip_or_reason, report)
+            else:
+                decoded.append((d, clip_or_reason))
+        return decoded
+
+    def _decode(self, blob: bytes | None) -> Clip | str:
+        if blob is None:
+            return "clip bytes expired or missing (claim-check blob not found)"
+        started = time.perf_counter()
+        try:
+            clip = decode_clip(blob, self.media_cfg)
+        except MediaError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        telemetry.DECODE_SECONDS.observe(time.perf_counter() - started)
+        return clip
+
+    def _learn(self, clips: list[tuple[Delivery, Clip]]) -> StepStats | None:
+        train = [c for d, c in clips if d.entry.purpose == "train"]
+        if not train:
+            return None
+        stats = self.learner.step(_batch(train))
+        self.counters.step += 1
+        if stats.skipped:
+            telemetry.STEPS.labels("skipped_nonfinite").inc()
+            log.warning("non-finite loss at step %d: update skipped", self.counters.step)
+        else:
+            self.counters.version += 1
+            telemetry.STEPS.labels("applied").inc()
+        _record_stats(stats, self.counters.version)
+        return stats
+
+    def _publish(self, clips: list[tuple[Delivery, Clip]], report: BatchReport) -> None:
+        """Embed every clip with the current model, write each embedding and ack it."""
+        emb_a, emb_v = self.learner.embed(_batch([c for _, c in clips]))
+        now = time.time()
+        for i, (d, _) in enumerate(clips):
+            emb = wire.Embedding(
+                audio=emb_a[i].float().cpu().tolist(),
+                video=emb_v[i].float().cpu().tolist(),
+                model_version=self.counters.version,
+                step=self.counters.step,
+                method=self.settings.method,
+                written_at=now,
+            )
+            state = "learned" if d.entry.purpose == "train" else "probed"
+            self._retry(self.queue.finish, d, emb, state)
+            self._count(state, report)
+
+    def _count(self, state: str, report: BatchReport) -> None:
+        telemetry.CLIPS.labels(state).inc()
+        if state == "learned":
+            report.learned += 1
+            self.counters.clips_learned += 1
+        else:
+            report.probed += 1
+            self.counters.clips_probed += 1
+
+    def _dead(self, d: Delivery, reason: str, report: BatchReport) -> None:
+        self._retry(self.queue.dead_letter, d, reason)
+        report.dead += 1
+        report.reasons.append(reason)
+        telemetry.CLIPS.labels("dead").inc()
+
+    # ---- housekeeping ----------------------------------------------------------------
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_heartbeat < self.settings.heartbeat_s:
+            return
+        self.queue.heartbeat(self.model_info(now))
+        backlog, pending, dead = self.queue.depths()
+        telemetry.BACKLOG.set(backlog)
+        telemetry.PENDING.set(pending)
+        telemetry.DEAD_LETTERS.set(dead)
+        telemetry.HEARTBEAT.set(now)
+        self._last_heartbeat = now
+        if self.counters.step - self._last_checkpoint_step >= self.settings.checkpoint_every:
+            self.checkpoint()
+
+    def model_info(self, now: float) -> dict[str, str | int | float]:
+        c = self.counters
+        return {
+            "version": c.version,
+            "step": c.step,
+            "method": self.settings.method,
+            "preset": self.settings.preset,
+            "clips_learned": c.clips_learned,
+            "updated_at": now,
+        }
+
+    def checkpoint(self) -> None:
+        state = {
+            "learner": self.learner.state_dict(),
+            "counters": vars(self.counters).copy(),
+            "method": self.settings.method,
+            "preset": self.settings.preset,
+        }
+        save_checkpoint(
+            self.settings.checkpoint_dir,
+            self.counters.version,
+            state,
+            self.settings.keep_checkpoints,
+        )
+        self._last_checkpoint_step = self.counters.step
+
+    def restore(self) -> bool:
+        path = latest_checkpoint(self.settings.checkpoint_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):
+            raise ValueError(
+                f"checkpoint {path} is {state['method']}/{state['preset']}, settings ask for "
+                f"{self.settings.method}/{self.settings.preset}: use another FLAVA_CHECKPOINT_DIR"
+            )
+        self.learner.load_state_dict(state["learner"])
+        self.counters = Counters(**state["counters"])
+        self._last_checkpoint_step = self.counters.step
+        log.info("resumed from %s at version %d", path, self.counters.version)
+        return True
+
+    def _retry(self, fn: Callable, *args, stop: threading.Event | None = None, **kwargs):
+        """Call ``fn``; on a Redis outage back off (0.1 s doubling to 5 s) and try again."""
+        delay = 0.1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except REDIS_ERRORS as exc:
+                telemetry.REDIS_ERRORS.inc()
+                log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
+                if stop is not None and stop.is_set():
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _batch(clips: list[Clip]) -> Batch:
+    return Batch(
+        fbank=torch.stack([c.fbank for c in clips]),
+        frames=torch.stack([c.frames for c in clips]),
+    )
+
+
+def _record_stats(stats: StepStats, version: int) -> None:
+    values = stats.as_dict()
+    telemetry.STEP_SECONDS.observe(values.get("step_seconds", 0.0))
+    for term in ("loss", "loss_rec_a", "loss_rec_v", "loss_nce", "loss_avm", "loss_der"):
+        if term in values:
+            telemetry.LOSS.labels(term.removeprefix("loss_") if term != "loss" else "total").set(
+                values[term]
+            )
+    telemetry.TOKENS_KEPT.labels("audio").set(values.get("tokens_kept_a", 0))
+    telemetry.TOKENS_KEPT.labels("video").set(values.get("tokens_kept_v", 0))
+    telemetry.FRACTION_EXCLUDED.set(values.get("frac_excluded", 0.0))
+    telemetry.AVM_ACCURACY.set(values.get("avm_acc", 0.0))
+    telemetry.MEMORY_FILL.set(values.get("memory_fill", 0))
+    telemetry.MEMORY_BYTES.set(values.get("memory_bytes", 0))
+    telemetry.MODEL_VERSION.set(version)

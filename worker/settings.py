@@ -1,0 +1,41 @@
+"""Worker settings, read from the environment with the ``FLAVA_`` prefix."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_consumer() -> str:
+    # Stable across restarts of the same host/container, so own pending entries are found.
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the learner process needs; ``FLAVA_METHOD=er`` etc. override each field."""
+
+    model_config = SettingsConfigDict(env_prefix="FLAVA_", extra="ignore")
+
+    environment: Literal["dev", "production"] = "dev"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "flava"
+    consumer: str = Field(default_factory=_default_consumer)
+    method: str = "finetune"  # continual method: see worker.core.learner.LEARNERS
+    preset: str = "tiny"  # model preset: tiny | small | base
+    device: str = "auto"  # auto -> cuda when available, else cpu
+    batch_size: int = 8
+    block_ms: int = 1000  # XREADGROUP block time when the stream is empty
+    claim_min_idle_ms: int = 120_000  # reclaim other consumers' entries idle this long
+    max_deliveries: int = 5  # an entry delivered more often goes to the dead-letter stream
+    decode_threads: int = 2
+    checkpoint_dir: str = "var/checkpoints"
+    checkpoint_every: int = 50  # steps between checkpoints (and one at shutdown)
+    keep_checkpoints: int = 3
+    heartbeat_s: float = 5.0
+    metrics_port: int = 0  # 0: no /metrics server
+    seed: int = 0
+    max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
