@@ -1,0 +1,358 @@
+"""The learner seam: one interface every continual method plugs into.
+
+A ``Learner`` owns the backbone (``AVMAE``), any extra modules a method needs (the AVM),
+one Adam optimizer over all of them, a CPU ``torch.Generator`` for every random draw,
+and its counters. The worker calls ``step(batch)`` once per batch of stream clips,
+``embed(batch)`` to serve embeddings, and ``state_dict()``/``load_state_dict()`` for
+checkpoints (tensors and plain containers only, so ``torch.load(weights_only=True)``
+reads them).
+
+Methods register by name::
+
+    @register("er")
+    class ExperienceReplay(Learner): ...
+
+``build_learner`` imports ``worker.core.methods`` (if present) so its registrations
+happen before the name is looked up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from worker.core.model import AVMAE, MAEOutput, ModelConfig, random_split
+
+logger = logging.getLogger(__name__)
+
+METHODS_MODULE = "worker.core.methods"
+
+
+@dataclass
+class Batch:
+    """A batch of decoded clips.
+
+    fbank (B, audio_frames, mel_bins); frames (B, num_frames, 3, S, S); ids one string
+    per clip (the clip's sha256 in the service); labels (B,) int64 where known.
+    """
+
+    fbank: Tensor
+    frames: Tensor
+    ids: list[str] | None = None
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {self.fbank.shape[0], self.frames.shape[0]}
+        sizes |= {len(self.ids)} if self.ids is not None else set()
+        sizes |= {self.labels.shape[0]} if self.labels is not None else set()
+        if len(sizes) != 1:
+            raise ValueError(f"batch fields disagree on the batch size: {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return self.fbank.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with the tensors on ``device`` (ids are shared)."""
+        labels = (
+            self.labels.to(device, non_blocking=non_blocking) if self.labels is not None else None
+        )
+        return Batch(
+            self.fbank.to(device, non_blocking=non_blocking),
+            self.frames.to(device, non_blocking=non_blocking),
+            self.ids,
+            labels,
+        )
+
+
+@dataclass
+class StepStats:
+    """What one ``step`` did; zeros where a method has no such term."""
+
+    loss: float = 0.0  # total loss that was (or would have been) backpropagated
+    loss_rec_a: float = 0.0  # audio masked reconstruction
+    loss_rec_v: float = 0.0  # video masked reconstruction
+    loss_nce: float = 0.0  # contrastive InfoNCE (unweighted)
+    loss_avm: float = 0.0  # AVM matching BCE
+    loss_der: float = 0.0  # DER++ embedding distillation on replay clips
+    avm_acc: float = 0.0  # AVM matching accuracy on this batch, in [0, 1]
+    tokens_kept_a: int = 0  # audio tokens per clip in encoder + decoder
+    tokens_kept_v: int = 0  # video tokens per clip in encoder + decoder
+    tokens_visible_a: int = 0  # audio tokens per clip the encoder sees
+    tokens_visible_v: int = 0  # video tokens per clip the encoder sees
+    frac_excluded: float = 0.0  # candidate tokens excluded by the correlation draw
+    selection: bool = False  # whether importance-based selection drove this step
+    batch_size: int = 0  # current clips in the step
+    replay_size: int = 0  # replayed clips in the step
+    memory_fill: int = 0  # clips in the replay memory after the step
+    memory_bytes: int = 0  # bytes held by the replay memory
+    grad_norm: float = 0.0  # total gradient norm before clipping
+    step: int = 0  # updates applied so far (after this step)
+    step_seconds: float = 0.0  # wall time of the step
+    skipped: bool = False  # non-finite loss or gradient: no parameter changed
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LearnerConfig:
+    """Optimisation and method settings (defaults from the paper)."""
+
+    lr: float = 1e-4  # Adam learning rate, constant
+    betas: tuple[float, float] = (0.95, 0.999)  # Adam betas
+    weight_decay: float = 5e-7  # Adam (L2) weight decay
+    grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping
+    amp: bool = True  # bf16 autocast, on CUDA only
+    seed: int = 0  # seeds model init and the learner's generator
+    memory_size: int = 2000  # replay memory capacity in clips (per rank)
+    replay_batch: int | None = None  # replayed clips per step; None = current batch size
+    der_alpha: float = 0.5  # DER++ / FLAVA distillation weight
+    lump_alpha: float = 0.5  # LUMP mixup Beta(alpha, alpha)
+    avm_weight: float = 1.0  # weight of the AVM matching loss
+    importance_temperature: float = 0.4  # tau of the AVM importance softmax
+    candidate_ratio: float = 0.5  # fraction of tokens that are selection candidates
+    audio_chunk: int = 4  # time steps per audio selection chunk
+    options: dict[str, Any] = field(default_factory=dict)  # further method settings
+
+
+class Learner:
+    """Base class: model, optimizer, generator and counters; subclasses define ``step``.
+
+    Hooks for subclasses: ``build_extra_modules`` (e.g. the AVM; trained by the same
+    optimizer and saved with the model) and ``extra_state``/``load_extra_state``
+    (e.g. the replay memory).
+    """
+
+    name: ClassVar[str] = "learner"
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: LearnerConfig | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model_cfg = model_cfg
+        self.cfg = cfg or LearnerConfig()
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)  # reproducible init, global RNG left as it was
+            self.model = AVMAE(model_cfg).to(self.device)
+            self.extra_modules = nn.ModuleDict(self.build_extra_modules()).to(self.device)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        self.optimizer = self.build_optimizer()
+        self.step_count = 0  # updates applied
+        self.skipped_count = 0  # steps skipped for a non-finite loss or gradient
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        """Modules beside the backbone, built under the learner's seed."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state to checkpoint (tensors and plain containers only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+
+    def step(self, batch: Batch) -> StepStats:
+        """One update from a batch of current clips."""
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.parameters()
+        yield from self.extra_modules.parameters()
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast on CUDA when ``cfg.amp``; a no-op elsewhere."""
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def random_indices(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Plain MAE split of every token: (vis_a, tgt_a, vis_v, tgt_v), each (B, K)."""
+        c = self.model_cfg
+        la, lv = c.num_audio_tokens, c.num_video_tokens
+        vis_a, tgt_a = random_split(batch, la, c.n_visible(la), self.generator, self.device)
+        vis_v, tgt_v = random_split(batch, lv, c.n_visible(lv), self.generator, self.device)
+        return vis_a, tgt_a, vis_v, tgt_v
+
+    def _apply(self, loss: Tensor) -> tuple[bool, float]:
+        """Backprop ``loss`` and step, unless it (or a gradient) is not finite.
+
+        Returns (skipped, grad_norm). A skipped step changes no parameter and no
+        optimizer state.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(loss.detach())):
+            return self._skip(math.nan)
+        loss.backward()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            return self._skip(norm)
+        self.optimizer.step()
+        self.step_count += 1
+        return False, norm
+
+    def _skip(self, norm: float) -> tuple[bool, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_count += 1
+        logger.warning("non-finite loss or gradient at update %d: step skipped", self.step_count)
+        return True, norm
+
+    def mae_stats(self, out: MAEOutput, start: float, skipped: bool, norm: float) -> StepStats:
+        """StepStats for a plain masked-autoencoder step on all tokens."""
+        terms = torch.stack([out.loss, out.loss_rec_a, out.loss_rec_v, out.loss_nce])
+        loss, rec_a, rec_v, nce = terms.detach().float().tolist()  # one device sync
+        c = self.model_cfg
+        la, lv = c.num_audio_tokens, c.num_video_tokens
+        return StepStats(
+            loss=loss,
+            loss_rec_a=rec_a,
+            loss_rec_v=rec_v,
+            loss_nce=nce,
+            tokens_kept_a=la,
+            tokens_kept_v=lv,
+            tokens_visible_a=c.n_visible(la),
+            tokens_visible_v=c.n_visible(lv),
+            batch_size=out.pooled_a.shape[0],
+            grad_norm=norm,
+            step=self.step_count,
+            step_seconds=time.perf_counter() - start,
+            skipped=skipped,
+        )
+
+    # -- serving and checkpoints --------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Retrieval embeddings of unmasked clips: (a (B, D), v (B, D)) float32, on device."""
+        batch = batch.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                emb_a, emb_v = self.model.embed(batch.fbank, batch.frames)
+        finally:
+            self.model.train(was_training)
+        return emb_a.float(), emb_v.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, optimizer, counters, RNG, method state."""
+        return {
+            "method": self.name,
+            "model_cfg": dataclasses.asdict(self.model_cfg),
+            "model": self.model.state_dict(),
+            "extra_modules": self.extra_modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "skipped": self.skipped_count,
+            "generator": self.generator.get_state(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``. From another method only the backbone is taken."""
+        self.model.load_state_dict(state["model"])
+        self.step_count = int(state["step"])
+        self.skipped_count = int(state.get("skipped", 0))
+        self.generator.set_state(state["generator"])
+        if state.get("method") != self.name:
+            logger.warning(
+                "checkpoint of method %r loaded into %r: backbone only, fresh optimizer",
+                state.get("method"),
+                self.name,
+            )
+            return
+        self.extra_modules.load_state_dict(state["extra_modules"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state["extra"])
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+
+LEARNERS: dict[str, type[Learner]] = {}
+L = TypeVar("L", bound=type[Learner])
+
+
+def register(name: str) -> Callable[[L], L]:
+    """Class decorator: make a Learner subclass buildable as ``name``."""
+
+    def deco(cls: L) -> L:
+        if LEARNERS.get(name, cls) is not cls:
+            raise ValueError(f"learner name {name!r} is already taken by {LEARNERS[name]}")
+        cls.name = name
+        LEARNERS[name] = cls
+        return cls
+
+    return deco
+
+
+@register("finetune")
+class Finetune(Learner):
+    """No memory: masked reconstruction + contrastive on the current batch only.
+
+    Every clip gets its own random split, n_visible(L) tokens visible, the rest targets.
+    """
+
+    def step(self, batch: Batch) -> StepStats:
+        start = time.perf_counter()
+        batch = batch.to(self.device)
+        idx = self.random_indices(len(batch))
+        self.model.train()
+        with self.autocast():
+            out = self.model.mae_loss(batch.fbank, batch.frames, *idx)
+        skipped, norm = self._apply(out.loss)
+        return self.mae_stats(out, start, skipped, norm)
+
+
+def _import_methods() -> Exception | None:
+    """Import the methods module so it registers; return the error if it failed."""
+    try:
+        importlib.import_module(METHODS_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name == METHODS_MODULE:
+            return None  # not written yet: only the built-in learners exist
+        logger.warning("could not import %s: %s", METHODS_MODULE, err)
+        return err
+    except Exception as err:  # a broken methods module must not stop "finetune"
+        logger.warning("could not import %s: %r", METHODS_MODULE, err)
+        return err
+    return None
+
+
+def build_learner(
+    name: str,
+    model_cfg: ModelConfig,
+    learner_cfg: LearnerConfig | None = None,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> Learner:
+    """The learner registered as ``name``; raises ValueError naming the known ones."""
+    error = _import_methods()
+    if name not in LEARNERS:
+        known = ", ".join(sorted(LEARNERS))
+        why = f" ({METHODS_MODULE} failed to import: {error!r})" if error else ""
+        raise ValueError(f"unknown learning method {name!r}; known: {known}{why}") from error
+    return LEARNERS[name](model_cfg, learner_cfg, device, **kwargs)
