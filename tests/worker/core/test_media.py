@@ -1,0 +1,210 @@
+"""worker/core/media.py on real clips encoded with PyAV in several containers and codecs."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tests.worker.core.media_fixtures import ClipSpec, encode_clip, frame_index_from_red
+from worker.core.fbank import mel_scale
+from worker.core.media import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Clip,
+    MediaConfig,
+    MediaError,
+    MediaTooLarge,
+    NoAudioStream,
+    NoVideoStream,
+    UndecodableMedia,
+    _decode_frames,
+    _frame_tensor,
+    decode_clip,
+    frame_times,
+)
+
+CFG = MediaConfig()
+PADDING = -CFG.fbank_mean / CFG.fbank_std  # a zero-padded fbank frame after normalisation
+SILENCE = (math.log(torch.finfo(torch.float32).eps) - CFG.fbank_mean) / CFG.fbank_std
+CLIPS = {
+    "mp4-h264-aac-stereo44k": ClipSpec(),
+    "webm-vp9-opus-stereo48k": ClipSpec("webm", "libvpx-vp9", "libopus", sample_rate=48000),
+    "mkv-mpeg4-mp3-stereo44k": ClipSpec("matroska", "mpeg4", "mp3"),
+    "mkv-mpeg4-flac-5.1": ClipSpec("matroska", "mpeg4", "flac", layout="5.1"),
+    "mov-mpeg4-aac-mono8k-1s": ClipSpec(
+        "mov", "mpeg4", "aac", seconds=1.0, sample_rate=8000, layout="mono"
+    ),
+}
+LONG = ClipSpec(seconds=12.0, gop=10)  # keyframes every second: decoding seeks mid-stream
+
+clip_bytes = functools.lru_cache(encode_clip)
+
+
+@functools.lru_cache
+def decoded(spec: ClipSpec) -> Clip:
+    return decode_clip(clip_bytes(spec), CFG)
+
+
+def source_indices(clip: Clip, fps: int, times: list[float]) -> list[int]:
+    """Which encoded frame each decoded frame shows, read from its red level."""
+    red = (clip.frames[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]).mean(dim=(1, 2)) * 255
+    return [frame_index_from_red(r.item(), round(t * fps)) for r, t in zip(red, times, strict=True)]
+
+
+def assert_nearest_frames(clip: Clip, fps: int, times: list[float]) -> None:
+    for index, time in zip(source_indices(clip, fps, times), times, strict=True):
+        assert abs(index - time * fps) <= 0.5 + 1e-6, (index, time)
+
+
+def expected_mel_bin(freq_hz: float, bins: int = CFG.mel_bins, rate: int = CFG.sample_rate) -> int:
+    step = (mel_scale(rate / 2) - mel_scale(20)) / (bins + 1)
+    centres = mel_scale(20) + step * torch.arange(1, bins + 1)
+    return int((centres - mel_scale(freq_hz)).abs().argmin())
+
+
+@pytest.mark.parametrize("spec", CLIPS.values(), ids=CLIPS.keys())
+def test_shapes_dtypes_and_duration(spec):
+    clip = decoded(spec)
+    assert clip.fbank.shape == (1024, 128) and clip.fbank.dtype == torch.float32
+    assert clip.frames.shape == (4, 3, 224, 224) and clip.frames.dtype == torch.float32
+    assert torch.isfinite(clip.fbank).all() and torch.isfinite(clip.frames).all()
+    assert clip.duration_s == pytest.approx(spec.seconds, abs=0.05)
+
+
+@pytest.mark.parametrize("spec", CLIPS.values(), ids=CLIPS.keys())
+def test_frames_are_the_ones_nearest_the_window_times(spec):
+    clip = decoded(spec)
+    assert_nearest_frames(clip, spec.fps, frame_times(clip.duration_s, CFG))
+    colours = clip.frames.mean(dim=(2, 3))
+    assert (colours[1:, 0] - colours[:-1, 0]).abs().min() > 0.5  # each frame is another time
+
+
+@pytest.mark.parametrize("spec", CLIPS.values(), ids=CLIPS.keys())
+def test_tone_peaks_in_its_mel_bin(spec):
+    fbank = decoded(spec).fbank
+    voiced = round(spec.seconds * 100) - 5  # frames that hold the tone
+    assert fbank[:voiced].mean(dim=0).argmax().item() == expected_mel_bin(spec.tone_hz)
+
+
+def test_frame_times_centre_at_eval_and_whole_short_clip():
+    assert frame_times(10.0, CFG) == [3.5, 4.5, 5.5, 6.5]
+    assert frame_times(1.0, CFG) == [0.125, 0.375, 0.625, 0.875]
+
+
+def test_frame_times_in_training_start_anywhere_in_the_clip():
+    starts = [
+        frame_times(10.0, CFG, train=True, generator=torch.Generator().manual_seed(s))[0]
+        for s in range(40)
+    ]
+    assert min(starts) >= 0.5 and max(starts) <= 6.5
+    assert max(starts) - min(starts) > 3.0
+
+
+def test_short_clip_audio_is_padded_after_its_end():
+    fbank = decoded(CLIPS["mov-mpeg4-aac-mono8k-1s"]).fbank
+    assert torch.allclose(fbank[110:], torch.tensor(PADDING))
+    assert not torch.isclose(fbank[:95], torch.tensor(PADDING)).all(dim=1).any()
+
+
+@pytest.mark.parametrize("container", ["mp4", "matroska"])
+def test_late_audio_starts_late_in_the_fbank(container):
+    codec = "aac" if container == "mp4" else "flac"
+    spec = ClipSpec(container, "libx264", codec, audio_offset_s=0.5)
+    fbank = decode_clip(clip_bytes(spec), CFG).fbank
+    assert torch.allclose(fbank[:45], torch.tensor(SILENCE), atol=1e-4)
+    assert (fbank[52:190].max(dim=1).values > 0).all()
+
+
+def test_long_clip_seeks_to_the_centre_window():
+    data = clip_bytes(LONG)
+    clip = decode_clip(data, CFG)
+    times = frame_times(12.0, CFG)
+    assert_nearest_frames(clip, LONG.fps, times)
+    assert torch.equal(clip.frames, _decode_frames(data, times, CFG.frame_size, seek=False))
+
+
+def test_eval_decoding_is_deterministic():
+    data = clip_bytes(LONG)
+    first, second = decode_clip(data, CFG), decode_clip(data, CFG)
+    assert torch.equal(first.fbank, second.fbank) and torch.equal(first.frames, second.frames)
+
+
+def test_training_windows_follow_the_generator():
+    data = clip_bytes(LONG)
+
+    def train(seed: int) -> Clip:
+        return decode_clip(data, CFG, train=True, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(train(3).frames, train(3).frames)
+    for seed in (0, 1):
+        times = frame_times(12.0, CFG, train=True, generator=torch.Generator().manual_seed(seed))
+        assert_nearest_frames(train(seed), LONG.fps, times)
+    redness = {round(train(seed).frames[:, 0].mean().item(), 3) for seed in range(4)}
+    assert len(redness) > 1  # different seeds, different windows
+
+
+def test_smaller_config_sets_the_shapes():
+    cfg = MediaConfig(audio_frames=128, mel_bins=64, num_frames=2, frame_size=32)
+    clip = decode_clip(clip_bytes(CLIPS["mp4-h264-aac-stereo44k"]), cfg)
+    assert clip.fbank.shape == (128, 64) and clip.frames.shape == (2, 3, 32, 32)
+
+
+def test_frames_resize_the_shorter_side_and_crop_the_centre():
+    rgb = np.full((40, 160, 3), (255, 0, 0), np.uint8)
+    rgb[:, :40] = (0, 0, 255)  # the left quarter falls outside the centre crop
+    frame = _frame_tensor(av.VideoFrame.from_ndarray(rgb, format="rgb24"), 32)
+    pixels = frame * IMAGENET_STD + IMAGENET_MEAN
+    assert frame.shape == (3, 32, 32)
+    assert pixels[0].min() > 0.95 and pixels[2].max() < 0.05
+
+
+def test_missing_streams_raise_named_errors():
+    with pytest.raises(NoVideoStream):
+        decode_clip(clip_bytes(ClipSpec(video_codec=None)), CFG)
+    with pytest.raises(NoAudioStream):
+        decode_clip(clip_bytes(ClipSpec(audio_codec=None)), CFG)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", np.random.default_rng(0).bytes(4096), b"\x00" * 1000],
+    ids=["empty", "random", "zeros"],
+)
+def test_garbage_is_undecodable(data):
+    with pytest.raises(UndecodableMedia):
+        decode_clip(data, CFG)
+
+
+def test_truncated_mp4_is_undecodable():
+    data = clip_bytes(CLIPS["mp4-h264-aac-stereo44k"])
+    with pytest.raises(UndecodableMedia, match="FFmpeg cannot decode"):
+        decode_clip(data[: len(data) // 2], CFG)
+
+
+def test_limits_refuse_long_or_huge_media():
+    data = clip_bytes(CLIPS["mp4-h264-aac-stereo44k"])
+    with pytest.raises(MediaTooLarge, match="lasts"):
+        decode_clip(data, MediaConfig(max_duration_s=1.0))
+    with pytest.raises(MediaTooLarge, match="pixels"):
+        decode_clip(data, MediaConfig(max_pixels=64 * 47))
+
+
+def test_a_concat_list_cannot_read_local_files(tmp_path, monkeypatch):
+    (tmp_path / "secret.mkv").write_bytes(clip_bytes(CLIPS["mkv-mpeg4-flac-5.1"]))
+    monkeypatch.chdir(tmp_path)
+    playlist = b"ffconcat version 1.0\nfile secret.mkv\n"
+    with av.open(io.BytesIO(playlist)) as c:
+        assert c.streams.video  # plain PyAV would follow the list to the local file
+    with pytest.raises(UndecodableMedia):
+        decode_clip(playlist, CFG)
+
+
+def test_media_errors_are_value_errors():
+    for error in (NoAudioStream, NoVideoStream, UndecodableMedia, MediaTooLarge):
+        assert issubclass(error, MediaError) and issubclass(error, ValueError)

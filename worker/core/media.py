@@ -1,0 +1,332 @@
+"""Decode clip bytes (any container/codec FFmpeg reads) into model inputs.
+
+``decode_clip(bytes) -> Clip`` gives the CAV-MAE inputs (DESIGN.md section 2):
+
+- audio: the first ``audio_frames`` x 10 ms (+ one 25 ms window) of the audio, resampled to mono
+  ``sample_rate``, waveform mean removed, Kaldi log-mel fbank, then padded (with zeros, as
+  CAV-MAE pads the raw fbank) or cut to ``audio_frames`` frames and normalised
+  (x - fbank_mean) / fbank_std;
+- video: ``num_frames`` frames at the centres of equal slices of a ``video_window_s`` window
+  (centred in the clip at eval, a random start drawn from ``generator`` in training; a shorter
+  clip uses all of itself). Each target takes the decoded frame nearest in time. Frames are
+  resized so the shorter side is ``frame_size`` (bicubic), centre-cropped to a square (as
+  CAV-MAE's Resize + CenterCrop) and normalised with ImageNet mean/std.
+
+Time is measured from the container's start time. Decoding seeks to the keyframe before the first
+target and stops after the last one; audio stops after the samples it needs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+
+from worker.core.fbank import kaldi_fbank, num_samples_for_frames
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+# nested opens (concat lists, playlists) may read no file or URL: clip bytes are untrusted
+_OPEN_OPTIONS = {"protocol_whitelist": "none"}
+_THREADED_PIXELS = 640 * 480  # decode larger frames with FFmpeg's threads
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """How clips become model inputs; the defaults are CAV-MAE's ``base`` settings."""
+
+    sample_rate: int = 16000  # audio is resampled to this rate, mono
+    audio_frames: int = 1024  # fbank frames (10 ms shift) kept: 10.24 s
+    mel_bins: int = 128  # mel filters per frame
+    fbank_mean: float = -5.081  # CAV-MAE's fbank statistics: (x - mean) / std
+    fbank_std: float = 4.4849
+    num_frames: int = 4  # video frames per clip
+    frame_size: int = 224  # square frame side after resize + centre crop
+    video_window_s: float = 4.0  # frames are spread evenly over a window this long
+    max_duration_s: float = 3600.0  # longer clips are refused (MediaTooLarge)
+    max_pixels: int = 4096 * 2304  # larger coded frames are refused (MediaTooLarge)
+
+
+@dataclass
+class Clip:
+    """Model inputs for one clip."""
+
+    fbank: Tensor  # (audio_frames, mel_bins) float32, normalised
+    frames: Tensor  # (num_frames, 3, frame_size, frame_size) float32, ImageNet-normalised
+    duration_s: float  # length of the media in seconds
+
+
+class MediaError(ValueError):
+    """The bytes are not a clip we can use; the message says why."""
+
+
+class NoAudioStream(MediaError):
+    """The media has no audio stream."""
+
+
+class NoVideoStream(MediaError):
+    """The media has no video stream (a cover picture does not count)."""
+
+
+class UndecodableMedia(MediaError):
+    """FFmpeg cannot read the container or decode a stream."""
+
+
+class MediaTooLarge(MediaError):
+    """The media is longer or its frames larger than MediaConfig allows."""
+
+
+def decode_clip(
+    data: bytes,
+    cfg: MediaConfig | None = None,
+    *,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+) -> Clip:
+    """Decode container bytes into a Clip; raises a MediaError subclass on bad input.
+
+    ``train`` draws the video window's start from ``generator``; eval takes the centre.
+    """
+    cfg = cfg or MediaConfig()
+    if not data:
+        raise UndecodableMedia("empty input: no bytes to decode")
+    try:
+        return _decode(data, cfg, train, generator)
+    except MediaError:
+        raise
+    except (av.FFmpegError, ValueError, OSError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UndecodableMedia(f"FFmpeg cannot decode the media: {reason}") from err
+
+
+def _decode(data: bytes, cfg: MediaConfig, train: bool, generator: torch.Generator | None) -> Clip:
+    """decode_clip without the error translation."""
+    with _open(data) as container:
+        audio, video = _audio_stream(container), _video_stream(container)
+        duration = _duration_s(container)
+        _check_limits(video, duration, cfg)
+        waveform = _decode_waveform(container, audio, cfg)
+    duration = duration if duration is not None else waveform.size / cfg.sample_rate
+    times = frame_times(duration, cfg, train=train, generator=generator)
+    frames = _decode_frames(data, times, cfg.frame_size)
+    fbank = audio_features(torch.from_numpy(waveform), cfg)
+    return Clip(fbank=fbank, frames=frames, duration_s=duration)
+
+
+def _open(data: bytes) -> av.container.InputContainer:
+    """An input container over ``data`` that cannot open other files or URLs."""
+    return av.open(
+        io.BytesIO(data), "r", container_options=_OPEN_OPTIONS, metadata_errors="replace"
+    )
+
+
+def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
+    """The first audio stream."""
+    if not container.streams.audio:
+        raise NoAudioStream(f"no audio stream in the {container.format.name} media")
+    return container.streams.audio[0]
+
+
+def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    """The first video stream that is not an attached (cover) picture."""
+    cover = av.stream.Disposition.attached_pic
+    videos = [s for s in container.streams.video if not s.disposition & cover]
+    if not videos:
+        raise NoVideoStream(f"no video stream in the {container.format.name} media")
+    return videos[0]
+
+
+def _duration_s(container: av.container.InputContainer) -> float | None:
+    """Media length in seconds: the container's, else the longest stream's, else None."""
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    ends = [
+        float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base
+    ]
+    return max(ends) if ends else None
+
+
+def _check_limits(video: av.VideoStream, duration: float | None, cfg: MediaConfig) -> None:
+    """Refuse media whose length or frame size exceeds the configured guards."""
+    if duration is not None and duration > cfg.max_duration_s:
+        raise MediaTooLarge(f"media lasts {duration:.1f} s, over the {cfg.max_duration_s} s limit")
+    pixels = video.codec_context.width * video.codec_context.height
+    if pixels > cfg.max_pixels:
+        raise MediaTooLarge(f"frames have {pixels} pixels, over the {cfg.max_pixels} limit")
+
+
+# ---------------------------------------------------------------------------------------- audio
+
+
+def _decode_waveform(
+    container: av.container.InputContainer, stream: av.AudioStream, cfg: MediaConfig
+) -> np.ndarray:
+    """Mono float32 waveform at cfg.sample_rate, (n,), aligned to the container start.
+
+    n = the samples the fbank needs, or fewer when the audio ends first.
+    """
+    needed = num_samples_for_frames(cfg.audio_frames, cfg.sample_rate)
+    samples, first_time = _resample_mono(container.decode(stream), cfg.sample_rate, needed)
+    if samples.size == 0:
+        raise UndecodableMedia("the audio stream decoded to no samples")
+    origin = _origin_s(container)
+    lead = round(((first_time if first_time is not None else origin) - origin) * cfg.sample_rate)
+    samples = np.pad(samples, (lead, 0)) if lead > 0 else samples[-lead:]
+    end = _stream_end_s(stream, origin)
+    length = samples.size if end is None else round(end * cfg.sample_rate)
+    return _fit(samples, min(needed, length))
+
+
+def _resample_mono(
+    frames: Iterable[av.AudioFrame], rate: int, limit: int
+) -> tuple[np.ndarray, float | None]:
+    """Resample decoded frames to mono float32 at ``rate`` until ``limit`` samples.
+
+    Returns the samples (n,) and the first frame's time in seconds (None if unknown).
+    One resampler per clip; flushed with None at the end.
+    """
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    chunks: list[np.ndarray] = []
+    count, first_time = 0, None
+    for index, frame in enumerate(frames):
+        first_time = frame.time if index == 0 else first_time
+        for out in resampler.resample(frame):
+            chunks.append(out.to_ndarray().reshape(-1))
+            count += out.samples
+        if count >= limit:
+            break
+    chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), first_time
+
+
+def _fit(samples: np.ndarray, length: int) -> np.ndarray:
+    """Cut ``samples`` to ``length`` or pad it with trailing zeros."""
+    return np.pad(samples[:length], (0, max(0, length - samples.size)))
+
+
+def _origin_s(container: av.container.InputContainer) -> float:
+    """The container's start time in seconds (0 when unknown): time 0 of the clip."""
+    return container.start_time / av.time_base if container.start_time is not None else 0.0
+
+
+def _stream_end_s(stream: av.stream.Stream, origin: float) -> float | None:
+    """When ``stream`` ends, in seconds from ``origin``; None when it does not say."""
+    if not stream.duration or stream.time_base is None:
+        return None
+    start = stream.start_time * stream.time_base if stream.start_time is not None else origin
+    return float(start + stream.duration * stream.time_base) - origin
+
+
+def audio_features(waveform: Tensor, cfg: MediaConfig) -> Tensor:
+    """Mono waveform (n,) at cfg.sample_rate -> normalised fbank (audio_frames, mel_bins).
+
+    Like CAV-MAE: the raw log-mel fbank is zero-padded (or cut) to audio_frames, then normalised,
+    so padded frames hold -fbank_mean / fbank_std.
+    """
+    fbank = kaldi_fbank(waveform - waveform.mean(), cfg.sample_rate, cfg.mel_bins)
+    fbank = torch.nn.functional.pad(fbank, (0, 0, 0, max(0, cfg.audio_frames - len(fbank))))
+    return (fbank[: cfg.audio_frames] - cfg.fbank_mean) / cfg.fbank_std
+
+
+# ---------------------------------------------------------------------------------------- video
+
+
+def frame_times(
+    duration_s: float,
+    cfg: MediaConfig,
+    *,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Target times (s from the clip start) of the num_frames frames, increasing.
+
+    The window (video_window_s, or the whole clip if shorter) is cut into num_frames equal
+    slices and each frame sits at a slice centre.
+    """
+    window = min(cfg.video_window_s, duration_s)
+    slack = duration_s - window
+    fraction = torch.rand((), generator=generator).item() if train else 0.5
+    step = window / cfg.num_frames
+    return [slack * fraction + (i + 0.5) * step for i in range(cfg.num_frames)]
+
+
+def _decode_frames(data: bytes, times: list[float], size: int, seek: bool = True) -> Tensor:
+    """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised.
+
+    Seeks to the keyframe before the first target; if the demuxer lands after the target it
+    decodes again from the start.
+    """
+    with _open(data) as container:
+        stream = _video_stream(container)
+        _set_threads(stream)
+        targets = [_origin_s(container) + t for t in times]
+        if seek:
+            _seek(container, stream, targets[0])
+        step = 1 / float(stream.average_rate or 25)  # for frames without a timestamp
+        picked, first = _nearest_frames(container.decode(stream), targets, step)
+        if not (seek and first > targets[0]):
+            return torch.stack([_frame_tensor(frame, size) for frame in picked])
+    logger.debug("seek landed at %.3f s, after %.3f s: decoding from the start", first, targets[0])
+    return _decode_frames(data, times, size, seek=False)
+
+
+def _set_threads(stream: av.VideoStream) -> None:
+    """Frame threads for large frames only: on small ones they cost more than they save."""
+    large = stream.codec_context.width * stream.codec_context.height > _THREADED_PIXELS
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = 0 if large else 1  # 0: FFmpeg picks
+
+
+def _seek(container: av.container.InputContainer, stream: av.VideoStream, target: float) -> None:
+    """Seek to the keyframe at or before ``target`` seconds (best effort)."""
+    if target <= 0 or stream.time_base is None:
+        return
+    try:
+        container.seek(int(target / stream.time_base), stream=stream, backward=True)
+    except av.FFmpegError as err:  # unseekable input: decode from where we are
+        logger.debug("seek to %.3f s failed (%s)", target, err)
+
+
+def _nearest_frames(
+    frames: Iterable[av.VideoFrame], targets: list[float], step: float
+) -> tuple[list[av.VideoFrame], float]:
+    """For each increasing target time, the decoded frame nearest to it.
+
+    Stops decoding after the last target; targets past the end get the last frame. Returns the
+    picks and the first decoded frame's time.
+    """
+    picked: list[av.VideoFrame] = []
+    previous: tuple[av.VideoFrame, float] | None = None
+    first = None
+    for frame in frames:
+        time = frame.time if frame.time is not None else (previous[1] + step if previous else 0.0)
+        first = time if first is None else first
+        while len(picked) < len(targets) and time >= targets[len(picked)]:
+            target = targets[len(picked)]
+            use_previous = previous is not None and target - previous[1] < time - target
+            picked.append(previous[0] if use_previous else frame)
+        if len(picked) == len(targets):
+            return picked, first
+        previous = (frame, time)
+    if previous is None or first is None:
+        raise UndecodableMedia("the video stream decoded to no frames")
+    return picked + [previous[0]] * (len(targets) - len(picked)), first
+
+
+def _frame_tensor(frame: av.VideoFrame, size: int) -> Tensor:
+    """Shorter side resized to ``size`` (bicubic), centre crop: (3, size, size), normalised."""
+    scale = size / min(frame.width, frame.height)
+    width = max(size, round(frame.width * scale))
+    height = max(size, round(frame.height * scale))
+    rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+    top, left = (height - size) // 2, (width - size) // 2
+    crop = torch.from_numpy(np.ascontiguousarray(rgb[top : top + size, left : left + size]))
+    return (crop.permute(2, 0, 1).float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
