@@ -29,6 +29,7 @@ class ClipSpec:
     tone_hz: float = 1000.0
     audio_offset_s: float = 0.0  # the audio starts this long after the video
     gop: int = 0  # keyframe interval in frames; 0: the encoder's default
+    preset: str = "ultrafast"  # libx264 preset; veryfast and slower use B-frames
 
 
 RED_STEP = 16  # red levels between consecutive frames; the pattern repeats every 14 frames
@@ -61,7 +62,7 @@ def encode_clip(spec: ClipSpec) -> bytes:
 def _add_video(container: av.container.OutputContainer, spec: ClipSpec) -> av.VideoStream:
     stream = container.add_stream(spec.video_codec, rate=spec.fps)
     stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-    stream.options = {"preset": "ultrafast"} if spec.video_codec == "libx264" else {}
+    stream.options = {"preset": spec.preset} if spec.video_codec == "libx264" else {}
     stream.bit_rate = 2_000_000  # enough for flat frames to keep their exact colour
     if spec.gop:
         stream.codec_context.gop_size = spec.gop

@@ -41,7 +41,8 @@ CLIPS = {
         "mov", "mpeg4", "aac", seconds=1.0, sample_rate=8000, layout="mono"
     ),
 }
-LONG = ClipSpec(seconds=12.0, gop=10)  # keyframes every second: decoding seeks mid-stream
+# keyframes every second, B-frames: decoding seeks mid-stream and reorders frames
+LONG = ClipSpec(seconds=12.0, gop=10, preset="veryfast")
 
 clip_bytes = functools.lru_cache(encode_clip)
 
