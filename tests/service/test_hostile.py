@@ -1,0 +1,279 @@
+"""A corpus of hostile and broken uploads: each gets a specific 4xx and leaves no trace.
+
+Uploads that pass the API's cheap probe but break later (corrupt packets mid-file) must be
+learned or dead-lettered by the worker, which keeps going.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from contract import wire
+from service.app import create_app
+from service.settings import ApiSettings
+from tests.worker.core.media_fixtures import ClipSpec, encode_clip
+
+MP4 = {"Content-Type": "video/mp4"}
+
+
+def _image(fmt: str, codec: str) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec)
+        s.width, s.height = 32, 32
+        s.pix_fmt = "rgb24" if codec == "png" else "yuvj420p"
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 90, np.uint8), format="rgb24")
+        c.mux(s.encode(frame.reformat(format=s.pix_fmt)))
+        c.mux(s.encode(None))
+    return buf.getvalue()
+
+
+def _many_streams(n_audio: int) -> bytes:
+    """An MKV with a video stream and ``n_audio`` audio streams."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as c:
+        v = c.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        audios = [c.add_stream("flac", rate=8000) for _ in range(n_audio)]
+        img = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+        for i in range(5):
+            img.pts = i
+            c.mux(v.encode(img.reformat(format="yuv420p")))
+        for a in audios:
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 4096), np.int16), "s16", "mono")
+            frame.sample_rate, frame.pts = 8000, 0
+            c.mux(a.encode(frame))
+            c.mux(a.encode(None))
+        c.mux(v.encode(None))
+    return buf.getvalue()
+
+
+def _sparse_video(width: int, height: int, last_pts_s: float) -> bytes:
+    """mpeg4 + aac with two video frames ``last_pts_s`` apart: size and duration headers."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as c:
+        v = c.add_stream("mpeg4", rate=1)
+        v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+        v.codec_context.time_base = Fraction(1, 1)
+        a = c.add_stream("aac", rate=16000)
+        img = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        for pts in (0, int(last_pts_s)):
+            frame = img.reformat(format="yuv420p")
+            frame.pts = pts
+            c.mux(v.encode(frame))
+        c.mux(v.encode(None))
+        _write_silence(c, a, 1.0)
+    return buf.getvalue()
+
+
+def _write_silence(container, stream, seconds: float) -> None:
+    fmt = stream.format.name
+    n = stream.codec_context.frame_size or 1024
+    for start in range(0, int(seconds * 16000), n):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32), fmt, "mono")
+        frame.sample_rate, frame.pts = 16000, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _zero_second() -> bytes:
+    """A container with both streams declared and no media in them."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as c:
+        v = c.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        c.add_stream("aac", rate=16000)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def good() -> bytes:
+    return encode_clip(ClipSpec(seconds=1.0))
+
+
+# (name, body builder, headers, expected status, expected code)
+CORPUS = [
+    ("zero bytes", lambda g: b"", MP4, 400, "empty_body"),
+    ("random bytes", lambda g: os.urandom(4096), MP4, 415, "undecodable"),
+    ("plain text as mp4", lambda g: b"hello, I am not a video\n" * 50, MP4, 415, "undecodable"),
+    (
+        "text content type",
+        lambda g: g,
+        {"Content-Type": "text/plain"},
+        415,
+        "unsupported_content_type",
+    ),
+    (
+        "json content type",
+        lambda g: g,
+        {"Content-Type": "application/json"},
+        415,
+        "unsupported_content_type",
+    ),
+    ("zip archive", lambda g: b"PK\x03\x04" + os.urandom(2000), MP4, 415, "undecodable"),
+    ("png image", lambda g: _image("image2pipe", "png"), MP4, 422, "no_audio"),
+    ("jpeg image", lambda g: _image("image2pipe", "mjpeg"), MP4, 422, "no_audio"),
+    (
+        "audio-only mp4",
+        lambda g: encode_clip(ClipSpec(seconds=1.0, video_codec=None)),
+        MP4,
+        422,
+        "no_video",
+    ),
+    (
+        "audio-only wav",
+        lambda g: encode_clip(
+            ClipSpec(container="wav", video_codec=None, audio_codec="pcm_s16le", seconds=1.0)
+        ),
+        {"Content-Type": "audio/wav"},
+        422,
+        "no_video",
+    ),
+    (
+        "video-only mp4",
+        lambda g: encode_clip(ClipSpec(seconds=1.0, audio_codec=None)),
+        MP4,
+        422,
+        "no_audio",
+    ),
+    (
+        "video-only webm",
+        lambda g: encode_clip(
+            ClipSpec(container="webm", video_codec="libvpx-vp9", audio_codec=None, seconds=1.0)
+        ),
+        {"Content-Type": "video/webm"},
+        422,
+        "no_audio",
+    ),
+    ("zero-second clip", lambda g: _zero_second(), MP4, None, None),
+    ("truncated to a third", lambda g: g[: len(g) // 3], MP4, None, None),
+    ("only the first 64 bytes", lambda g: g[:64], MP4, 415, "undecodable"),
+    (
+        "huge resolution header",
+        lambda g: _sparse_video(4000, 16, 1),
+        MP4,
+        422,
+        "resolution_too_large",
+    ),
+    ("very long duration", lambda g: _sparse_video(32, 32, 3000), MP4, 422, "too_long"),
+    ("dozens of streams", lambda g: _many_streams(30), MP4, 422, "too_many_streams"),
+    ("over-size body", lambda g: g + b"\x00" * 300_000, MP4, 413, "too_large"),
+    (
+        "multipart without file",
+        lambda g: b'--xyz\r\nContent-Disposition: form-data; name="task"\r\n\r\nt1\r\n--xyz--\r\n',
+        {"Content-Type": "multipart/form-data; boundary=xyz"},
+        422,
+        "no_file",
+    ),
+    (
+        "multipart with empty file",
+        lambda g: (
+            b"--xyz\r\nContent-Disposition: form-data; "
+            b'name="file"; filename="a.mp4"\r\nContent-Type: video/mp4\r\n\r\n\r\n--xyz--\r\n'
+        ),
+        {"Content-Type": "multipart/form-data; boundary=xyz"},
+        400,
+        "empty_body",
+    ),
+    (
+        "multipart garbage",
+        lambda g: b"--nope\r\n\x00\x01garbage",
+        {"Content-Type": "multipart/form-data; boundary=xyz"},
+        None,
+        None,
+    ),
+]
+
+
+@pytest.fixture
+def api(redis_url, prefix):
+    settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=250_000)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "headers", "status", "code"), CORPUS, ids=[c[0] for c in CORPUS]
+)
+def test_hostile_upload_is_refused_without_trace(
+    api, good, redis_url, prefix, name, build, headers, status, code
+):
+    r = api.post("/ingest", content=build(good), headers=headers)
+    assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+    if status is not None:
+        assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert detail["reason"]
+    if code is not None:
+        assert detail["code"] == code, detail
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen(wire.Keys(prefix).stream) == 0
+    assert list(client.scan_iter(f"{prefix}:blob:*")) == []
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"task": "x" * 65}, "task"), ({"task": "a b"}, "task"), ({"purpose": "steal"}, "purpose")],
+)
+def test_bad_query_parameters_are_422(api, good, params, field):
+    r = api.post("/ingest", content=good, headers=MP4, params=params)
+    assert r.status_code == 422
+    assert field in r.text
+
+
+def _corrupt_middle(data: bytes, seed: int = 3) -> bytes:
+    """Overwrite 2 KB in the middle of the file with noise: headers intact, packets broken."""
+    rng = np.random.default_rng(seed)
+    mid = len(data) // 2
+    noise = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    return data[:mid] + noise + data[mid + 2048 :]
+
+
+def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, prefix, tmp_path):
+    """What passes the cheap probe but breaks in the worker never stops the worker."""
+    from tests.worker.test_queue import enqueue
+    from worker.core.synthetic import StreamConfig, make_clip, segment_specs
+    from worker.runner import Worker
+    from worker.settings import WorkerSettings
+
+    cfg = StreamConfig(num_segments=1)
+    clips = [make_clip(s, cfg) for s in segment_specs(cfg, 0, 3, seed=5)]
+    r = api.post("/ingest", content=_corrupt_middle(clips[0]), headers=MP4)
+    assert r.status_code in (202, 415, 422), r.text
+    client = redis.Redis.from_url(redis_url)
+    keys = wire.Keys(prefix)
+    good = [enqueue(client, keys, c) for c in clips[1:]]
+    settings = WorkerSettings(
+        redis_url=redis_url,
+        key_prefix=prefix,
+        consumer="w",
+        block_ms=50,
+        checkpoint_dir=str(tmp_path),
+    )
+    worker = Worker(settings, client)
+    worker.start()
+    while worker.iterate() is not None:
+        pass
+    if r.status_code == 202:
+        state = client.hget(keys.clip(r.json()["clip_id"]), "state")
+        assert state in (b"learned", b"dead")
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in good)
+    client.close()
+
+
+def test_chunked_body_over_limit_is_413(api, good):
+    def chunks():
+        for _ in range(40):
+            yield b"\x00" * 10_000
+
+    r = api.post("/ingest", content=chunks(), headers=MP4)
+    assert r.status_code == 413
