@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -758,7 +759,7 @@ def _expand_cav(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def load_cav_mae_state_dict(model: AVMAE, state_dict: dict[str, Tensor]) -> LoadReport:
+def load_cav_mae_state_dict(model: AVMAE, state_dict: Mapping[str, Any]) -> LoadReport:
     """Load a CAV-MAE or STELLA checkpoint's weights into ``model`` (in place).
 
     Accepts a raw state dict, ``{"model": ...}``, or DDP/STELLA-prefixed keys. Keys
@@ -766,8 +767,8 @@ def load_cav_mae_state_dict(model: AVMAE, state_dict: dict[str, Tensor]) -> Load
     For CAV-MAE (which has no second positional embedding) ``inter_pos_embed_*`` are
     zeroed so the loaded model computes what CAV-MAE computes; see the report.
     """
-    raw = state_dict.get("model", state_dict)
-    theirs = {_rename(_strip_prefix(k)): v for k, v in raw.items()}
+    raw = state_dict["model"] if isinstance(state_dict.get("model"), Mapping) else state_dict
+    theirs = {_rename(_strip_prefix(k)): v for k, v in raw.items() if isinstance(v, Tensor)}
     source = _detect_source(list(theirs))
     cav = source == "cav-mae"
     if cav:

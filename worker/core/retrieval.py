@@ -26,7 +26,7 @@ def _hits_at_k(queries: Tensor, items: Tensor, labels: Tensor, k_max: int) -> Te
 
 def _recalls(hits: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     """R@k in percent for each k, plus "avg" over them."""
-    res = {f"r{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    res = {f"r{k}": 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}
     res["avg"] = sum(res.values()) / len(ks)
     return res
 
