@@ -15,6 +15,7 @@ Layout (prefix ``flava`` by default):
 - ``{p}:backlog``          integer: entries accepted and not yet acked (backpressure)
 - ``{p}:model``            hash: ``version``, ``step``, ``method``, ``updated_at``
 - ``{p}:workers``          sorted set: consumer name -> last heartbeat (unix seconds)
+- ``{p}:monitor``          string: JSON summary of the worker's drift and forgetting monitors
 
 Clip ids are the sha256 of the bytes, so a re-POST of the same clip is recognised.
 Every multi-key change happens inside one Lua script, so a crash never leaves an
@@ -59,6 +60,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def monitor(self) -> str:
+        return f"{self.prefix}:monitor"
 
     def blob(self, clip_id: str) -> str:
         return f"{self.prefix}:blob:{clip_id}"
@@ -165,15 +170,16 @@ redis.call('INCR', KEYS[4])
 return {'queued', id}
 """
 
-# KEYS: stream, clip, embedding, backlog, blob. ARGV: group, entry_id, state, emb fields.
+# KEYS: stream, clip, embedding, backlog, blob.
+# ARGV: group, entry_id, state, deliveries, emb fields.
 # Writes the embedding and the clip's state, then acks; returns 1 if this call acked.
 FINISH_SCRIPT = """
-if #ARGV > 3 then
+if #ARGV > 4 then
   local fields = {}
-  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[3], unpack(fields))
 end
-redis.call('HSET', KEYS[2], 'state', ARGV[3])
+redis.call('HSET', KEYS[2], 'state', ARGV[3], 'deliveries', ARGV[4])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   redis.call('DECR', KEYS[4])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -15,21 +16,35 @@ from worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT: stop reading, finish the batch in hand, ack, checkpoint, exit 0."""
+def install_signal_handlers(stop: threading.Event, grace_s: float) -> None:
+    """SIGTERM/SIGINT: stop reading, finish the batch in hand, ack, checkpoint, exit 0.
+
+    If that takes longer than ``grace_s`` the process exits hard (status 3): unacked
+    entries are redelivered, so nothing is lost, only the work since the last ack."""
 
     def handle(signum, _frame):
+        if stop.is_set():
+            return
         log.info("signal %s: finishing the batch in hand, then stopping", signum)
         stop.set()
+        timer = threading.Timer(grace_s, _give_up, args=(grace_s,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
 
 
+def _give_up(grace_s: float) -> None:
+    log.error("shutdown took longer than %.0f s: exiting without a final checkpoint", grace_s)
+    logging.shutdown()
+    os._exit(3)
+
+
 def run_worker(settings: WorkerSettings | None = None) -> None:
     settings = settings or WorkerSettings()
     stop = threading.Event()
-    install_signal_handlers(stop)
+    install_signal_handlers(stop, settings.shutdown_grace_s)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)

@@ -141,7 +141,7 @@ class ClipQueue:
                 self.keys.backlog,
                 self.keys.blob(cid),
             ],
-            args=[wire.GROUP, delivery.entry_id, state, *fields],
+            args=[wire.GROUP, delivery.entry_id, state, delivery.deliveries, *fields],
         )
         return bool(acked)
 

@@ -193,8 +193,14 @@ class Worker:
     def _publish(self, clips: list[tuple[Delivery, Clip]], report: BatchReport) -> None:
         """Embed every clip with the current model, write each embedding and ack it."""
         emb_a, emb_v = self.learner.embed(_batch([c for _, c in clips]))
+        finite = torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)
         now = time.time()
         for i, (d, _) in enumerate(clips):
+            if not finite[i]:
+                self._dead(
+                    d, "non-finite embedding (NaN/inf in the decoded clip or the model)", report
+                )
+                continue
             emb = wire.Embedding(
                 audio=emb_a[i].float().cpu().tolist(),
                 video=emb_v[i].float().cpu().tolist(),

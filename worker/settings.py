@@ -39,3 +39,12 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = 0  # 0: no /metrics server
     seed: int = 0
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
+    shutdown_grace_s: float = 60.0  # after SIGTERM: finish batch + checkpoint, else hard exit
+    # drift and forgetting monitors (worker.monitoring)
+    monitor_window: int = 64  # drift: clips in the reference window and in the recent window
+    monitor_rereference: bool = False  # drift reference restarts when the train task changes
+    monitor_probes_per_window: int = 64  # held-out probe clips kept per window (float16)
+    monitor_max_windows: int = 8  # windows tracked (bounds label cardinality); oldest dropped
+    monitor_count_window: int = 500  # untagged training clips per count-based window
+    monitor_every: int = 25  # steps between forgetting evaluations; 0 disables them
+    monitor_recon: bool = True  # also measure probe reconstruction loss (one more pass)

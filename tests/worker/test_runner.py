@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import redis
+import torch
 
 from contract import wire
 from tests.worker.test_queue import enqueue
@@ -31,8 +32,14 @@ def client(redis_url):
 @pytest.fixture
 def settings(redis_url, prefix, tmp_path) -> WorkerSettings:
     return WorkerSettings(
-        redis_url=redis_url, key_prefix=prefix, consumer="w1", batch_size=4, block_ms=50,
-        checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1000, decode_threads=2,
+        redis_url=redis_url,
+        key_prefix=prefix,
+        consumer="w1",
+        batch_size=4,
+        block_ms=50,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=1000,
+        decode_threads=2,
     )
 
 
@@ -131,3 +138,20 @@ def test_run_stops_on_event_and_checkpoints(settings, client, clips, prefix, tmp
     assert list((tmp_path / "ckpt").glob("ckpt-0000000001.pt"))
 
 
+def test_non_finite_loss_skips_update_and_publishes_nothing_from_it(settings, client, clips):
+    from worker.core.media import decode_clip
+
+    w = started(settings, client)
+    before = {k: v.clone() for k, v in w.learner.model.state_dict().items()}
+    clip = decode_clip(clips[0], w.media_cfg)
+    clip.fbank[0, 0] = float("nan")
+    stats = w._learn([(_train_delivery(), clip)])
+    assert stats.skipped and w.counters.version == 0 and w.counters.step == 1
+    after = w.learner.model.state_dict()
+    assert all(bool(torch.equal(after[k], v)) for k, v in before.items())
+
+
+def _train_delivery():
+    from worker.queue import Delivery
+
+    return Delivery("0-1", wire.ClipEntry("f" * 64, 1, "video/mp4"), 1)
