@@ -29,6 +29,7 @@ from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip, MediaError, decode_clip
 from worker.core.model import preset
+from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.queue import ClipQueue, Delivery
 from worker.settings import WorkerSettings
 
@@ -85,6 +86,9 @@ class Worker:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self._last_heartbeat = 0.0
         self._last_checkpoint_step = 0
+        self.monitor = StreamMonitor(
+            MonitorConfig.from_settings(settings), self.learner, client, self.queue.keys
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -129,7 +133,15 @@ class Worker:
         clips = self._decode_all(fresh, report)
         if clips:
             report.stats = self._learn(clips)
-            self._publish(clips, report)
+            emb_a, emb_v = self._publish(clips, report)
+            self.monitor.after_batch(
+                [d.entry for d, _ in clips],
+                [c for _, c in clips],
+                emb_a,
+                emb_v,
+                self.counters.step,
+                self.counters.version,
+            )
         telemetry.BATCH_SECONDS.observe(time.perf_counter() - started)
         self.counters.clips_dead += report.dead
         return report
@@ -190,8 +202,12 @@ class Worker:
         _record_stats(stats, self.counters.version)
         return stats
 
-    def _publish(self, clips: list[tuple[Delivery, Clip]], report: BatchReport) -> None:
-        """Embed every clip with the current model, write each embedding and ack it."""
+    def _publish(
+        self, clips: list[tuple[Delivery, Clip]], report: BatchReport
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed every clip with the current model, write each embedding and ack it.
+
+        Returns the embeddings (a (B, D), v (B, D)) for the monitors."""
         emb_a, emb_v = self.learner.embed(_batch([c for _, c in clips]))
         finite = torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)
         now = time.time()
@@ -212,6 +228,7 @@ class Worker:
             state = "learned" if d.entry.purpose == "train" else "probed"
             self._retry(self.queue.finish, d, emb, state)
             self._count(state, report)
+        return emb_a, emb_v
 
     def _count(self, state: str, report: BatchReport) -> None:
         telemetry.CLIPS.labels(state).inc()

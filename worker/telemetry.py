@@ -33,3 +33,64 @@ PENDING = Gauge("flava_pending_clips", "Entries delivered to a consumer and not 
 DEAD_LETTERS = Gauge("flava_worker_dead_letter_clips", "Entries in the dead-letter stream")
 HEARTBEAT = Gauge("flava_worker_heartbeat_timestamp_seconds", "Unix time of the last heartbeat")
 REDIS_ERRORS = Counter("flava_worker_redis_errors_total", "Redis errors the worker retried")
+
+# ---- drift and forgetting monitors (worker.monitoring); window label = task tag, bounded
+DRIFT_MMD2 = Gauge(
+    "flava_drift_mmd2",
+    "Unbiased MMD^2 (RBF, median bandwidth) of recent vs reference embeddings",
+    ["modality"],
+)
+DRIFT_MEAN_SHIFT = Gauge(
+    "flava_drift_mean_shift",
+    "Distance between recent and reference mean embeddings, in standard deviations",
+    ["modality"],
+)
+DRIFT_INPUT_ZSCORE = Gauge(
+    "flava_drift_input_zscore",
+    "Recent minus reference mean of an input statistic, in reference standard deviations",
+    ["input"],
+)
+DRIFT_WINDOW_CLIPS = Gauge(
+    "flava_drift_window_clips", "Clips held by the drift monitor's windows", ["kind"]
+)
+INPUT_LOUDNESS = Gauge(
+    "flava_input_loudness", "Mean normalised log-mel fbank value of recent training clips"
+)
+INPUT_BRIGHTNESS = Gauge(
+    "flava_input_brightness", "Mean frame pixel (0 to 1) of recent training clips"
+)
+PROBE_CLIPS = Gauge("flava_probe_clips", "Held-out probe clips kept per window", ["window"])
+PROBE_RECALL = Gauge(
+    "flava_probe_recall_ratio",
+    "Retrieval recall at k on a window's held-out probes (k=avg: mean of R@1/5/10)",
+    ["window", "direction", "k"],
+)
+PROBE_RECALL_AVG = Gauge(
+    "flava_probe_recall_avg_ratio",
+    "Probe recall averaged over windows, the one being learned excluded",
+    ["direction", "k"],
+)
+PROBE_RECON_LOSS = Gauge(
+    "flava_probe_reconstruction_loss",
+    "Masked reconstruction MSE (audio + video, fixed masks) on a window's probes",
+    ["window"],
+)
+FORGETTING = Gauge(
+    "flava_forgetting_ratio",
+    "Best-so-far minus current probe recall of a window",
+    ["window", "direction", "k"],
+)
+FORGETTING_AVG = Gauge(
+    "flava_forgetting_avg_ratio",
+    "Forgetting averaged over windows, the one being learned excluded",
+    ["direction", "k"],
+)
+MONITOR_WINDOWS = Gauge("flava_monitor_windows", "Probe windows the forgetting monitor tracks")
+MONITOR_EVALUATIONS = Counter(
+    "flava_monitor_evaluations_total", "Forgetting evaluations over every window's probes"
+)
+MONITOR_SECONDS = Histogram(
+    "flava_monitor_eval_seconds",
+    "Time of one forgetting evaluation (re-embed every window's probes)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)

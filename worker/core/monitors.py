@@ -1,0 +1,412 @@
+"""Drift and forgetting monitors: plain tensors in, plain numbers out (no Redis, no Prometheus).
+
+Drift (DESIGN.md section 7): per modality, MMD^2 and mean shift between a *reference*
+window and the *recent* window of the embeddings of incoming clips, plus the drift of two
+model-free input statistics:
+
+- loudness: the mean of a clip's normalised log-mel fbank, (fbank (T, F)).mean(), in the
+  units of the model input ((log-mel + 5.081) / 4.4849 for CAV-MAE's statistics; padded
+  frames count, so a shorter clip reads quieter);
+- brightness: the mean pixel of a clip's frames in [0, 1], ImageNet normalisation undone.
+
+The reference window holds the first ``window`` clips seen (or the first after
+``rereference()``, e.g. at a segment change); the recent window the last ``window`` clips
+seen after it. Embeddings are those computed when each clip arrived, so embedding drift
+mixes input drift with the model's own change; the input statistics see input drift only.
+
+Forgetting: ``ForgettingTracker`` keeps, per window (task), the history of retrieval
+recall on that window's held-out probes (R@K in percent, as ``recall_at_k``) and their
+reconstruction loss; forgetting = best-so-far minus current (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from worker.core.learner import Batch, Learner
+from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
+from worker.core.model import random_split
+from worker.core.retrieval import recall_at_k
+
+# ---------------------------------------------------------------------------------------
+# two-sample statistics
+
+
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """(N, D), (M, D) -> (N, M) squared Euclidean distances, clamped at 0."""
+    d = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.t()
+    return d.clamp_min(0.0)
+
+
+def median_bandwidth(z: Tensor) -> float:
+    """Median of the pairwise squared distances between distinct rows of z (K, D).
+
+    The RBF bandwidth h of the median heuristic: k(a, b) = exp(-||a - b||^2 / h).
+    A degenerate sample (all rows equal) gives 1.0, so the kernel stays defined.
+    """
+    d = squared_distances(z, z)
+    off = d[~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)]
+    h = float(off.median()) if off.numel() else 0.0
+    return h if h > 1e-12 else 1.0
+
+
+def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
+    """Unbiased MMD^2 between samples x (N, D) and y (M, D) with an RBF kernel.
+
+    k(a, b) = exp(-||a - b||^2 / h), h = ``bandwidth`` or the median pairwise squared
+    distance over the pooled sample [x; y] (median heuristic). The estimator is the
+    U-statistic (diagonals excluded): mean k(x, x') + mean k(y, y') - 2 mean k(x, y).
+    It is about 0 for samples of one distribution (it can dip slightly below 0) and
+    grows towards 2 as they separate. Needs N, M >= 2.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need (N, D) and (M, D) samples, got {tuple(x.shape)}, {tuple(y.shape)}")
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"unbiased MMD^2 needs at least 2 rows per sample, got {n} and {m}")
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    h = bandwidth if bandwidth is not None else median_bandwidth(torch.cat([x, y]))
+    kxx = torch.exp(-squared_distances(x, x) / h)
+    kyy = torch.exp(-squared_distances(y, y) / h)
+    kxy = torch.exp(-squared_distances(x, y) / h)
+    within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(within_x + within_y - 2.0 * kxy.mean())
+
+
+def mean_shift(x: Tensor, y: Tensor, normalise: bool = True) -> float:
+    """L2 distance between the means of x (N, D) and y (M, D).
+
+    With ``normalise`` it is divided by the samples' spread, sqrt of the mean of their
+    total variances (trace of the covariance), so it reads in standard deviations and
+    does not change when the embeddings are rescaled.
+    """
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    shift = float((x.mean(0) - y.mean(0)).norm())
+    if not normalise:
+        return shift
+    spread = 0.5 * (_total_variance(x) + _total_variance(y))
+    return shift / max(spread, 1e-12) ** 0.5
+
+
+def _total_variance(x: Tensor) -> float:
+    """Trace of the (biased) covariance of x (N, D): mean squared distance to the mean."""
+    return float((x - x.mean(0)).pow(2).sum(1).mean())
+
+
+# ---------------------------------------------------------------------------------------
+# input statistics
+
+
+def clip_loudness(fbank: Tensor) -> Tensor:
+    """fbank (B, T, F) normalised log-mel -> (B,) mean value per clip."""
+    return fbank.detach().float().mean(dim=(1, 2)).cpu()
+
+
+def clip_brightness(frames: Tensor) -> Tensor:
+    """frames (B, T, 3, S, S) ImageNet-normalised -> (B,) mean pixel in [0, 1] per clip."""
+    mean = IMAGENET_MEAN.to(frames.device)
+    std = IMAGENET_STD.to(frames.device)
+    pixels = frames.detach().float() * std + mean  # (B, T, 3, S, S) in [0, 1]
+    return pixels.mean(dim=(1, 2, 3, 4)).cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# drift monitor
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Window sizes of the drift monitor (small: it runs on every batch)."""
+
+    window: int = 64  # clips in the reference window and in the recent window
+    min_samples: int = 8  # report once both windows hold at least this many (>= 2)
+    normalise_shift: bool = True  # mean shift in standard deviations (see mean_shift)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_samples <= self.window:
+            raise ValueError(f"need 2 <= min_samples <= window, got {self}")
+
+
+@dataclass
+class ModalityDrift:
+    mmd2: float  # unbiased MMD^2, RBF kernel, median bandwidth
+    mean_shift: float  # distance of the window means (in std units when normalised)
+
+
+@dataclass
+class InputDrift:
+    reference: float  # mean of the statistic over the reference window
+    recent: float  # mean over the recent window
+    zscore: float  # (recent - reference) / std of the reference window
+
+
+@dataclass
+class DriftReport:
+    """Drift between the reference and recent windows, per modality and input statistic."""
+
+    modalities: dict[str, ModalityDrift]
+    inputs: dict[str, InputDrift]
+    reference_size: int
+    recent_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Windows:
+    """Reference rows (the first ``size`` after a reset) and the last ``size`` rows after."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.reference: list[Tensor] = []
+        self.recent: deque[Tensor] = deque(maxlen=size)
+
+    def add(self, rows: Tensor) -> None:
+        """rows (B, D): fill the reference first, then the recent window."""
+        for row in rows.detach().float().cpu():
+            if len(self.reference) < self.size:
+                self.reference.append(row)
+            else:
+                self.recent.append(row)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """(reference (R, D), recent (N, D)); call only when both are non-empty."""
+        return torch.stack(self.reference), torch.stack(list(self.recent))
+
+    def reset(self) -> None:
+        self.reference.clear()
+        self.recent.clear()
+
+
+class DriftMonitor:
+    """Reference vs recent windows of embeddings (per modality) and input statistics.
+
+    ``update`` takes embeddings {"audio": (B, D), "video": (B, D)} and statistics
+    {"loudness": (B,), "brightness": (B,)} of the same B clips; ``report`` compares the
+    windows (None until both hold ``min_samples`` clips).
+    """
+
+    def __init__(self, cfg: DriftConfig | None = None) -> None:
+        self.cfg = cfg or DriftConfig()
+        self.embeddings: dict[str, _Windows] = {}
+        self.inputs: dict[str, _Windows] = {}
+
+    def update(self, embeddings: dict[str, Tensor], inputs: dict[str, Tensor]) -> None:
+        for name, rows in embeddings.items():
+            self.embeddings.setdefault(name, _Windows(self.cfg.window)).add(rows)
+        for name, values in inputs.items():
+            self.inputs.setdefault(name, _Windows(self.cfg.window)).add(values.reshape(-1, 1))
+
+    def rereference(self) -> None:
+        """Start a new reference window from the next clips (e.g. at a segment change)."""
+        for w in [*self.embeddings.values(), *self.inputs.values()]:
+            w.reset()
+
+    def sizes(self) -> tuple[int, int]:
+        """(reference, recent) clips held, over the first tracked series."""
+        first = next(iter([*self.embeddings.values(), *self.inputs.values()]), None)
+        return (len(first.reference), len(first.recent)) if first else (0, 0)
+
+    def report(self) -> DriftReport | None:
+        ref_n, recent_n = self.sizes()
+        if min(ref_n, recent_n) < self.cfg.min_samples:
+            return None
+        return DriftReport(
+            {name: self._modality(w) for name, w in self.embeddings.items()},
+            {name: _input_drift(*w.tensors()) for name, w in self.inputs.items()},
+            ref_n,
+            recent_n,
+        )
+
+    def _modality(self, windows: _Windows) -> ModalityDrift:
+        ref, recent = windows.tensors()
+        shift = mean_shift(ref, recent, self.cfg.normalise_shift)
+        return ModalityDrift(mmd2_rbf(ref, recent), shift)
+
+
+def _input_drift(ref: Tensor, recent: Tensor) -> InputDrift:
+    """ref (R, 1), recent (N, 1) values of one statistic -> their means and z-scored shift."""
+    r_mean, n_mean = float(ref.mean()), float(recent.mean())
+    std = float(ref.std()) if ref.shape[0] > 1 else 0.0
+    return InputDrift(r_mean, n_mean, (n_mean - r_mean) / max(std, 1e-6))
+
+
+# ---------------------------------------------------------------------------------------
+# probe evaluation
+
+
+@dataclass
+class ProbeEvaluation:
+    """One evaluation of a window's probes by the model at ``step``.
+
+    recall: {"a2v": {"r1", "r5", "r10", "avg"}, "v2a": {...}} in percent (recall_at_k).
+    recon: masked reconstruction MSE (audio + video) on fixed masks; None if not measured.
+    """
+
+    step: int
+    recall: dict[str, dict[str, float]]
+    recon: float | None = None
+    probes: int = 0
+
+
+@torch.no_grad()
+def reconstruction_loss(
+    learner: Learner, batch: Batch, mask_seed: int = 0, chunk: int = 32
+) -> float:
+    """Masked reconstruction MSE (rec_a + rec_v, per-patch normalised) of a batch, no grad.
+
+    The masks come from a generator seeded with ``mask_seed``, so the same clips in the
+    same order get the same masks at every evaluation and the losses are comparable.
+    """
+    cfg, model = learner.model_cfg, learner.model
+    gen = torch.Generator().manual_seed(mask_seed)
+    was_training, total = model.training, 0.0
+    model.eval()
+    try:
+        for start in range(0, len(batch), chunk):
+            part = _slice(batch, start, chunk).to(learner.device)
+            idx = _random_masks(cfg, len(part), gen, learner.device)
+            with learner.autocast():
+                out = model.mae_loss(part.fbank, part.frames, *idx)
+            total += float(out.loss_rec_a + out.loss_rec_v) * len(part)
+    finally:
+        model.train(was_training)
+    return total / len(batch)
+
+
+def _random_masks(cfg, batch: int, gen: torch.Generator, device) -> tuple[Tensor, ...]:
+    """(vis_a, tgt_a, vis_v, tgt_v) plain MAE splits, each (B, K)."""
+    la, lv = cfg.num_audio_tokens, cfg.num_video_tokens
+    vis_a, tgt_a = random_split(batch, la, cfg.n_visible(la), gen, device)
+    vis_v, tgt_v = random_split(batch, lv, cfg.n_visible(lv), gen, device)
+    return vis_a, tgt_a, vis_v, tgt_v
+
+
+def _slice(batch: Batch, start: int, size: int) -> Batch:
+    return Batch(batch.fbank[start : start + size], batch.frames[start : start + size])
+
+
+def embed_chunked(learner: Learner, batch: Batch, chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """learner.embed over chunks of ``chunk`` clips: (a (B, D), v (B, D)) on the CPU."""
+    parts = [learner.embed(_slice(batch, s, chunk)) for s in range(0, len(batch), chunk)]
+    return torch.cat([a.cpu() for a, _ in parts]), torch.cat([v.cpu() for _, v in parts])
+
+
+def evaluate_probes(
+    learner: Learner,
+    batch: Batch,
+    step: int,
+    ks: tuple[int, ...] = (1, 5, 10),
+    with_recon: bool = True,
+    mask_seed: int = 0,
+) -> ProbeEvaluation:
+    """Retrieval R@K (both directions) and reconstruction loss of probes (B >= 2)."""
+    if len(batch) < 2:
+        raise ValueError(f"retrieval needs at least 2 probes, got {len(batch)}")
+    emb_a, emb_v = embed_chunked(learner, batch)
+    recon = reconstruction_loss(learner, batch, mask_seed) if with_recon else None
+    return ProbeEvaluation(step, recall_at_k(emb_a, emb_v, ks), recon, len(batch))
+
+
+# ---------------------------------------------------------------------------------------
+# forgetting
+
+
+@dataclass
+class WindowState:
+    """One window's current, best-so-far and forgetting (best - current), in percent."""
+
+    evaluations: int
+    step: int  # step of the latest evaluation
+    current: dict[str, dict[str, float]]
+    best: dict[str, dict[str, float]]
+    forgetting: dict[str, dict[str, float]]
+    recon: float | None = None  # latest reconstruction loss
+    recon_best: float | None = None  # lowest so far
+    recon_increase: float | None = None  # latest minus lowest (the loss's "forgetting")
+
+
+@dataclass
+class Averages:
+    """Means over windows of current recall and of forgetting, per direction and metric."""
+
+    windows: list[str] = field(default_factory=list)
+    recall: dict[str, dict[str, float]] = field(default_factory=dict)
+    forgetting: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class ForgettingTracker:
+    """Per window: every ProbeEvaluation, the best-so-far recall and the forgetting."""
+
+    def __init__(self) -> None:
+        self._history: dict[str, list[ProbeEvaluation]] = {}
+
+    def record(self, window: str, evaluation: ProbeEvaluation) -> None:
+        self._history.setdefault(window, []).append(evaluation)
+
+    def drop(self, window: str) -> None:
+        self._history.pop(window, None)
+
+    def windows(self) -> list[str]:
+        return list(self._history)
+
+    def history(self, window: str) -> list[ProbeEvaluation]:
+        return list(self._history.get(window, []))
+
+    def state(self, window: str) -> WindowState:
+        """Current, best and forgetting of one window (KeyError if never evaluated)."""
+        hist = self._history[window]
+        latest = hist[-1]
+        best = _elementwise_max([e.recall for e in hist])
+        recons = [e.recon for e in hist if e.recon is not None]
+        return WindowState(
+            evaluations=len(hist),
+            step=latest.step,
+            current=latest.recall,
+            best=best,
+            forgetting=_difference(best, latest.recall),
+            recon=latest.recon,
+            recon_best=min(recons) if recons else None,
+            recon_increase=latest.recon - min(recons) if latest.recon is not None else None,
+        )
+
+    def averages(self, exclude: set[str] | frozenset[str] = frozenset()) -> Averages:
+        """Means over the evaluated windows not in ``exclude`` (e.g. the one being learned)."""
+        names = [w for w in self._history if w not in exclude]
+        states = [self.state(w) for w in names]
+        if not states:
+            return Averages()
+        return Averages(
+            names,
+            _elementwise_mean([s.current for s in states]),
+            _elementwise_mean([s.forgetting for s in states]),
+        )
+
+    def summary(self, exclude: set[str] | frozenset[str] = frozenset()) -> dict:
+        """JSON-ready: every window's state and the averages over the non-excluded ones."""
+        return {
+            "windows": {w: asdict(self.state(w)) for w in self._history},
+            "average": asdict(self.averages(exclude)),
+            "excluded": sorted(exclude),
+        }
+
+
+def _elementwise_max(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {d: {m: max(t[d][m] for t in tables) for m in tables[-1][d]} for d in tables[-1]}
+
+
+def _elementwise_mean(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    first = tables[0]
+    return {d: {m: statistics.fmean(t[d][m] for t in tables) for m in first[d]} for d in first}
+
+
+def _difference(
+    a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    return {d: {m: a[d][m] - b[d][m] for m in a[d]} for d in a}

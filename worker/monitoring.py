@@ -1,0 +1,376 @@
+"""The worker's drift and forgetting monitors: feed them, export gauges, publish a summary.
+
+``StreamMonitor.after_batch`` is called by the worker once per batch with the clips it just
+embedded:
+
+- training clips feed the drift monitor (embeddings + loudness/brightness, every batch) and
+  define the *current window*: the clip's ``task`` tag, else a count window
+  ``clips-<n // count_window>`` over untagged training clips;
+- probe clips (purpose "probe": embedded, never trained on) are kept decoded, in float16 on
+  the CPU, up to ``probes_per_window`` per window (their task tag, else the current window);
+- every ``every`` steps every window's probes are re-embedded with the current learner:
+  audio->video and video->audio R@1/5/10 and the masked reconstruction loss (fixed masks,
+  no grad), recorded in a ``ForgettingTracker``;
+- Prometheus gauges are set (``worker.telemetry``), and a JSON summary is written to
+  ``Keys.monitor`` for the demo and operators.
+
+At most ``max_windows`` windows are tracked (bounded label cardinality): a new one drops
+the oldest, with its probes, history and gauge series. The monitor's state lives in
+memory only: after a restart drift and forgetting start again from new clips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import redis
+import torch
+from torch import Tensor
+
+from contract import wire
+from worker import telemetry
+from worker.core.learner import Batch, Learner
+from worker.core.media import Clip
+from worker.core.monitors import (
+    DriftConfig,
+    DriftMonitor,
+    DriftReport,
+    ForgettingTracker,
+    ProbeEvaluation,
+    clip_brightness,
+    clip_loudness,
+    evaluate_probes,
+)
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+DIRECTIONS = ("a2v", "v2a")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How the stream monitor windows, keeps probes and evaluates (see WorkerSettings)."""
+
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    rereference: bool = False  # restart the drift reference when the train task changes
+    probes_per_window: int = 64  # held-out clips kept per window
+    max_windows: int = 8  # windows tracked at once; the oldest is dropped
+    count_window: int = 500  # untagged training clips per count window
+    every: int = 25  # steps between forgetting evaluations; 0: never
+    recon: bool = True  # measure the probes' reconstruction loss too
+    ks: tuple[int, ...] = (1, 5, 10)  # recall cut-offs
+
+    def __post_init__(self) -> None:
+        if self.max_windows < 2 or self.probes_per_window < 2 or self.count_window < 1:
+            raise ValueError(f"need max_windows, probes_per_window >= 2, count_window >= 1: {self}")
+
+    @classmethod
+    def from_settings(cls, s: WorkerSettings) -> MonitorConfig:
+        drift = DriftConfig(window=s.monitor_window, min_samples=max(2, s.monitor_window // 4))
+        return cls(
+            drift=drift,
+            rereference=s.monitor_rereference,
+            probes_per_window=s.monitor_probes_per_window,
+            max_windows=s.monitor_max_windows,
+            count_window=s.monitor_count_window,
+            every=s.monitor_every,
+            recon=s.monitor_recon,
+        )
+
+
+@dataclass
+class ProbeSet:
+    """One window's decoded probe clips, float16 on the CPU, in arrival order."""
+
+    ids: list[str] = field(default_factory=list)
+    fbank: list[Tensor] = field(default_factory=list)  # each (audio_frames, mel_bins)
+    frames: list[Tensor] = field(default_factory=list)  # each (num_frames, 3, S, S)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, clip_id: str, clip: Clip, capacity: int) -> bool:
+        """Keep the clip unless the set is full or already holds it."""
+        if len(self) >= capacity or clip_id in self.ids:
+            return False
+        self.ids.append(clip_id)
+        self.fbank.append(clip.fbank.detach().cpu().half())
+        self.frames.append(clip.frames.detach().cpu().half())
+        return True
+
+    def batch(self) -> Batch:
+        """All probes as a float32 Batch: fbank (P, T, F), frames (P, N, 3, S, S)."""
+        return Batch(torch.stack(self.fbank).float(), torch.stack(self.frames).float(), self.ids)
+
+
+@dataclass
+class Window:
+    """What the monitor knows about one window (task tag or count window)."""
+
+    probes: ProbeSet = field(default_factory=ProbeSet)
+    trained: bool = False  # training clips of this window were seen
+    drift: dict | None = None  # the last drift report while it was the current window
+
+
+class StreamMonitor:
+    """Drift on every batch, forgetting every ``cfg.every`` steps; gauges and a summary."""
+
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        learner: Learner,
+        client: redis.Redis | None = None,
+        keys: wire.Keys | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.learner = learner
+        self.client = client
+        self.keys = keys or wire.Keys()
+        self.drift = DriftMonitor(cfg.drift)
+        self.tracker = ForgettingTracker()
+        self.windows: OrderedDict[str, Window] = OrderedDict()
+        self.current: str | None = None  # window of the latest training clip
+        self.untagged_clips = 0
+        self.last_eval_step = 0
+        self.last_report: DriftReport | None = None
+
+    # ---- per batch -----------------------------------------------------------------------
+    def after_batch(
+        self,
+        entries: list[wire.ClipEntry],
+        clips: list[Clip],
+        emb_a: Tensor,
+        emb_v: Tensor,
+        step: int,
+        version: int,
+    ) -> None:
+        """Feed one embedded batch (row i of emb_a/emb_v (B, D) is clips[i]); maybe evaluate."""
+        self.observe(entries, clips, emb_a, emb_v)
+        if self.due(step):
+            self.evaluate(step)
+        self.publish(step, version)
+
+    def observe(
+        self, entries: list[wire.ClipEntry], clips: list[Clip], emb_a: Tensor, emb_v: Tensor
+    ) -> None:
+        """Training clips -> drift and the current window; probe clips -> their window.
+
+        Clips whose embedding is not finite (the worker dead-letters them) are ignored.
+        """
+        finite = (torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)).tolist()
+        train = [i for i, e in enumerate(entries) if e.purpose == "train" and finite[i]]
+        for i in train:
+            self._enter(self._train_window(entries[i]))
+        if train:
+            self._update_drift([clips[i] for i in train], emb_a[train], emb_v[train])
+        for entry, clip, ok in zip(entries, clips, finite, strict=True):
+            if entry.purpose == "probe" and ok:
+                self._keep_probe(entry, clip)
+        telemetry.MONITOR_WINDOWS.set(len(self.windows))
+
+    def _train_window(self, entry: wire.ClipEntry) -> str:
+        if entry.task:
+            return entry.task
+        name = f"clips-{self.untagged_clips // self.cfg.count_window}"
+        self.untagged_clips += 1
+        return name
+
+    def _enter(self, name: str) -> None:
+        """Make ``name`` the current window (re-referencing drift if so configured)."""
+        if name != self.current and self.current is not None and self.cfg.rereference:
+            self.drift.rereference()
+        self.current = name
+        self._window(name).trained = True
+
+    def _update_drift(self, clips: list[Clip], emb_a: Tensor, emb_v: Tensor) -> None:
+        fbank = torch.stack([c.fbank for c in clips])
+        frames = torch.stack([c.frames for c in clips])
+        inputs = {"loudness": clip_loudness(fbank), "brightness": clip_brightness(frames)}
+        self.drift.update({"audio": emb_a, "video": emb_v}, inputs)
+        report = self.drift.report()
+        ref_n, recent_n = self.drift.sizes()
+        telemetry.DRIFT_WINDOW_CLIPS.labels("reference").set(ref_n)
+        telemetry.DRIFT_WINDOW_CLIPS.labels("recent").set(recent_n)
+        if report is not None and self.current is not None:
+            self.last_report = report
+            self._window(self.current).drift = report.as_dict()
+            _export_drift(report)
+
+    def _keep_probe(self, entry: wire.ClipEntry, clip: Clip) -> None:
+        name = entry.task or self.current or "clips-0"
+        window = self._window(name)
+        if window.probes.add(entry.clip_id, clip, self.cfg.probes_per_window):
+            telemetry.PROBE_CLIPS.labels(name).set(len(window.probes))
+        else:
+            log.debug("probe %s not kept: window %s is full or has it", entry.clip_id, name)
+
+    def _window(self, name: str) -> Window:
+        """The window called ``name``, created (and the oldest dropped) if new."""
+        if name not in self.windows:
+            self.windows[name] = Window()
+            while len(self.windows) > self.cfg.max_windows:
+                self._drop(next(w for w in self.windows if w not in (name, self.current)))
+        return self.windows[name]
+
+    def _drop(self, name: str) -> None:
+        log.info("monitor window %s dropped (more than %d windows)", name, self.cfg.max_windows)
+        del self.windows[name]
+        self.tracker.drop(name)
+        _remove_window_series(name, self.cfg.ks)
+
+    # ---- forgetting ------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether ``every`` steps passed since the last evaluation and probes exist."""
+        if self.cfg.every <= 0 or step - self.last_eval_step < self.cfg.every:
+            return False
+        return any(len(w.probes) >= 2 for w in self.windows.values())
+
+    def evaluate(self, step: int) -> dict[str, ProbeEvaluation]:
+        """Re-embed every window's probes with the current model; update tracker and gauges."""
+        started = time.perf_counter()
+        results = {}
+        for name, window in self.windows.items():
+            if len(window.probes) >= 2:
+                results[name] = evaluate_probes(
+                    self.learner, window.probes.batch(), step, self.cfg.ks, self.cfg.recon
+                )
+                self.tracker.record(name, results[name])
+                self._export_window(name)
+        self._export_averages()
+        self.last_eval_step = step
+        telemetry.MONITOR_SECONDS.observe(time.perf_counter() - started)
+        telemetry.MONITOR_EVALUATIONS.inc()
+        log.info("forgetting evaluation at step %d over %d windows", step, len(results))
+        return results
+
+    def past_windows(self) -> set[str]:
+        """Windows trained on before the current one: the ones forgetting is averaged over."""
+        return {n for n, w in self.windows.items() if w.trained and n != self.current}
+
+    def _export_window(self, name: str) -> None:
+        state = self.tracker.state(name)
+        for direction, metric, k in _series(self.cfg.ks):
+            telemetry.PROBE_RECALL.labels(name, direction, k).set(
+                state.current[direction][metric] / 100
+            )
+            telemetry.FORGETTING.labels(name, direction, k).set(
+                state.forgetting[direction][metric] / 100
+            )
+        if state.recon is not None:
+            telemetry.PROBE_RECON_LOSS.labels(name).set(state.recon)
+
+    def _export_averages(self) -> None:
+        trained = {n for n, w in self.windows.items() if w.trained}
+        recall = self.tracker.averages(exclude=set(self.windows) - trained).recall
+        forgetting = self.tracker.averages(exclude=set(self.windows) - self.past_windows())
+        for direction, metric, k in _series(self.cfg.ks):
+            if recall:
+                telemetry.PROBE_RECALL_AVG.labels(direction, k).set(recall[direction][metric] / 100)
+            if forgetting.forgetting:
+                telemetry.FORGETTING_AVG.labels(direction, k).set(
+                    forgetting.forgetting[direction][metric] / 100
+                )
+
+    # ---- summary ---------------------------------------------------------------------------
+    def summary(self, step: int, version: int) -> dict:
+        """JSON-ready state: drift now, and per window drift, probes and forgetting (in %)."""
+        tracked = set(self.tracker.windows())
+        past = self.past_windows() & tracked
+        return {
+            "step": step,
+            "version": version,
+            "updated_at": time.time(),
+            "current_window": self.current,
+            "last_evaluation_step": self.last_eval_step,
+            "drift": self.last_report.as_dict() if self.last_report else None,
+            "windows": {
+                name: {
+                    "probes": len(w.probes),
+                    "trained": w.trained,
+                    "drift": w.drift,
+                    "retrieval": asdict(self.tracker.state(name)) if name in tracked else None,
+                }
+                for name, w in self.windows.items()
+            },
+            "average_forgetting": asdict(self.tracker.averages(exclude=tracked - past)),
+            "recon": "masked MSE, audio + video, fixed masks" if self.cfg.recon else "off",
+        }
+
+    def publish(self, step: int, version: int) -> None:
+        """Write the summary to ``Keys.monitor`` (best effort: a Redis error is logged)."""
+        if self.client is None:
+            return
+        try:
+            self.client.set(self.keys.monitor, json.dumps(self.summary(step, version)))
+        except redis.RedisError as exc:
+            telemetry.REDIS_ERRORS.inc()
+            log.warning("monitor summary not published: %s", exc)
+
+
+def _series(ks: tuple[int, ...]) -> list[tuple[str, str, str]]:
+    """(direction, recall_at_k metric name, k label) for every exported series."""
+    pairs = [(f"r{k}", str(k)) for k in ks] + [("avg", "avg")]
+    return [(d, metric, k) for d in DIRECTIONS for metric, k in pairs]
+
+
+def _export_drift(report: DriftReport) -> None:
+    for modality, drift in report.modalities.items():
+        telemetry.DRIFT_MMD2.labels(modality).set(drift.mmd2)
+        telemetry.DRIFT_MEAN_SHIFT.labels(modality).set(drift.mean_shift)
+    for name, stat in report.inputs.items():
+        telemetry.DRIFT_INPUT_ZSCORE.labels(name).set(stat.zscore)
+    telemetry.INPUT_LOUDNESS.set(report.inputs["loudness"].recent)
+    telemetry.INPUT_BRIGHTNESS.set(report.inputs["brightness"].recent)
+
+
+def _remove_window_series(name: str, ks: tuple[int, ...]) -> None:
+    """Remove a dropped window's labelled series, so label cardinality stays bounded."""
+    removals = [(telemetry.PROBE_CLIPS, (name,)), (telemetry.PROBE_RECON_LOSS, (name,))]
+    for direction, _, k in _series(ks):
+        removals += [(telemetry.PROBE_RECALL, (name, direction, k))]
+        removals += [(telemetry.FORGETTING, (name, direction, k))]
+    for gauge, labels in removals:
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass  # never set
+
+
+def format_summary(summary: dict) -> list[str]:
+    """Human-readable lines of a ``summary()`` (the demo prints them per segment)."""
+    lines = [
+        f"{'window':<16}{'probes':>7}{'MMD2 a/v':>16}{'shift a/v':>14}"
+        f"{'R@1 a2v now/best':>19}{'forget a2v avg':>16}{'recon':>8}"
+    ]
+    for name, w in summary["windows"].items():
+        lines.append(f"{name:<16}{w['probes']:>7}{_drift_cells(w['drift'])}{_recall_cells(w)}")
+    avg = summary["average_forgetting"]
+    if avg["forgetting"]:
+        f = avg["forgetting"]
+        lines.append(
+            f"average forgetting over {', '.join(avg['windows'])}: a2v avg "
+            f"{f['a2v']['avg']:.1f}, v2a avg {f['v2a']['avg']:.1f} (%-points)"
+        )
+    return lines
+
+
+def _drift_cells(drift: dict | None) -> str:
+    if not drift:
+        return f"{'-':>16}{'-':>14}"
+    m = drift["modalities"]
+    mmd = f"{m['audio']['mmd2']:.3f}/{m['video']['mmd2']:.3f}"
+    shift = f"{m['audio']['mean_shift']:.2f}/{m['video']['mean_shift']:.2f}"
+    return f"{mmd:>16}{shift:>14}"
+
+
+def _recall_cells(window: dict) -> str:
+    r = window["retrieval"]
+    if not r:
+        return f"{'-':>19}{'-':>16}{'-':>8}"
+    now_best = f"{r['current']['a2v']['r1']:.1f}/{r['best']['a2v']['r1']:.1f}"
+    recon = f"{r['recon']:.3f}" if r["recon"] is not None else "-"
+    return f"{now_best:>19}{r['forgetting']['a2v']['avg']:>16.1f}{recon:>8}"
