@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flava.procs import free_port, spawn, terminate
 from flava.push import ApiClient, Progress
 
 log = logging.getLogger(__name__)
@@ -65,7 +63,7 @@ def run_demo(cfg: DemoConfig) -> int:
 # ---- processes -------------------------------------------------------------------------
 def start_services(cfg: DemoConfig, workdir: Path) -> Services:
     redis_url, server = _redis(workdir)
-    api_port, metrics_port = _free_port(), _free_port()
+    api_port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "FLAVA_REDIS_URL": redis_url,
@@ -80,8 +78,8 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
     }
     if cfg.method:
         env["FLAVA_METHOD"] = cfg.method
-    api = _spawn(["serve", "--port", str(api_port)], env, workdir / "api.log")
-    worker = _spawn(["worker"], env, workdir / "worker.log")
+    api = spawn(["serve", "--port", str(api_port)], env, workdir / "api.log")
+    worker = spawn(["worker"], env, workdir / "worker.log")
     print(f"redis  : {redis_url}\napi    : http://127.0.0.1:{api_port}  (logs {workdir})")
     return Services(
         f"http://127.0.0.1:{api_port}",
@@ -100,19 +98,6 @@ def _redis(workdir: Path) -> tuple[str, object | None]:
     return f"unix://{server.socket_file}", server
 
 
-def _spawn(args: list[str], env: dict, logfile: Path) -> subprocess.Popen:
-    out = open(logfile, "ab")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "flava", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(client: ApiClient, services: Services, timeout_s: float = 120.0) -> None:
     """Until /readyz says Redis answers and the worker's heartbeat is fresh."""
     deadline = time.monotonic() + timeout_s
@@ -128,13 +113,7 @@ def wait_ready(client: ApiClient, services: Services, timeout_s: float = 120.0) 
 def stop_services(services: Services) -> None:
     """SIGTERM (the worker finishes its batch and checkpoints), then wait."""
     for p in services.procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in services.procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        terminate(p)
     if services.redis is not None:
         services.redis.shutdown()
 
