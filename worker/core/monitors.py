@@ -30,7 +30,7 @@ from torch import Tensor
 
 from worker.core.learner import Batch, Learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
-from worker.core.model import random_split
+from worker.core.model import ModelConfig, random_split
 from worker.core.retrieval import recall_at_k
 
 # ---------------------------------------------------------------------------------------
@@ -261,17 +261,17 @@ def reconstruction_loss(
 ) -> float:
     """Masked reconstruction MSE (rec_a + rec_v, per-patch normalised) of a batch, no grad.
 
-    The masks come from a generator seeded with ``mask_seed``, so the same clips in the
-    same order get the same masks at every evaluation and the losses are comparable.
+    Clip i's masks depend only on ``mask_seed`` and i, so the same probes get the same
+    masks at every evaluation (also after more probes joined) and losses are comparable.
     """
-    cfg, model = learner.model_cfg, learner.model
-    gen = torch.Generator().manual_seed(mask_seed)
+    model = learner.model
+    masks = fixed_masks(learner.model_cfg, len(batch), mask_seed)
     was_training, total = model.training, 0.0
     model.eval()
     try:
         for start in range(0, len(batch), chunk):
             part = _slice(batch, start, chunk).to(learner.device)
-            idx = _random_masks(cfg, len(part), gen, learner.device)
+            idx = [m[start : start + chunk].to(learner.device) for m in masks]
             with learner.autocast():
                 out = model.mae_loss(part.fbank, part.frames, *idx)
             total += float(out.loss_rec_a + out.loss_rec_v) * len(part)
@@ -280,12 +280,19 @@ def reconstruction_loss(
     return total / len(batch)
 
 
-def _random_masks(cfg, batch: int, gen: torch.Generator, device) -> tuple[Tensor, ...]:
-    """(vis_a, tgt_a, vis_v, tgt_v) plain MAE splits, each (B, K)."""
+def fixed_masks(cfg: ModelConfig, batch: int, seed: int) -> list[Tensor]:
+    """[vis_a, tgt_a, vis_v, tgt_v] plain MAE splits (B, K) on the CPU; row i from (seed, i)."""
     la, lv = cfg.num_audio_tokens, cfg.num_video_tokens
-    vis_a, tgt_a = random_split(batch, la, cfg.n_visible(la), gen, device)
-    vis_v, tgt_v = random_split(batch, lv, cfg.n_visible(lv), gen, device)
-    return vis_a, tgt_a, vis_v, tgt_v
+    rows = []
+    for i in range(batch):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        rows.append(
+            [
+                *random_split(1, la, cfg.n_visible(la), gen, "cpu"),
+                *random_split(1, lv, cfg.n_visible(lv), gen, "cpu"),
+            ]
+        )
+    return [torch.cat(parts) for parts in zip(*rows, strict=True)]
 
 
 def _slice(batch: Batch, start: int, size: int) -> Batch:

@@ -1,0 +1,268 @@
+"""Drift statistics, the drift monitor, probe evaluation and the forgetting tracker."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from worker.core.learner import Batch, build_learner
+from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
+from worker.core.model import preset
+from worker.core.monitors import (
+    DriftConfig,
+    DriftMonitor,
+    ForgettingTracker,
+    ProbeEvaluation,
+    clip_brightness,
+    clip_loudness,
+    evaluate_probes,
+    fixed_masks,
+    mean_shift,
+    median_bandwidth,
+    mmd2_rbf,
+    reconstruction_loss,
+)
+
+
+def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) + shift
+
+
+# ---- MMD^2 -------------------------------------------------------------------------------
+
+
+def test_mmd2_near_zero_for_same_distribution_and_positive_for_shifted():
+    same = [mmd2_rbf(gaussian(64, 32, s), gaussian(64, 32, s + 100)) for s in range(10)]
+    shifted = [mmd2_rbf(gaussian(64, 32, s), gaussian(64, 32, s + 100, 0.5)) for s in range(10)]
+    assert max(abs(x) for x in same) < 0.02
+    assert min(shifted) > 0.05
+    assert min(shifted) > 5 * max(abs(x) for x in same)
+
+
+def test_mmd2_grows_with_the_shift():
+    x = gaussian(64, 16, 0)
+    values = [mmd2_rbf(x, gaussian(64, 16, 1, s)) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert values == sorted(values)
+    assert values[-1] < 2.0  # an RBF kernel's MMD^2 is at most 2
+
+
+def test_mmd2_matches_a_brute_force_u_statistic():
+    x, y = gaussian(5, 3, 0).double(), gaussian(7, 3, 1, 0.3).double()
+    h = 2.5
+
+    def k(a, b):
+        return math.exp(-float(((a - b) ** 2).sum()) / h)
+
+    kxx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    kyy = sum(k(y[i], y[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    kxy = sum(k(x[i], y[j]) for i in range(5) for j in range(7)) / (5 * 7)
+    assert mmd2_rbf(x, y, bandwidth=h) == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-9)
+
+
+def test_median_bandwidth_is_the_median_pairwise_squared_distance():
+    z = torch.tensor([[0.0], [1.0], [3.0]])  # squared distances 1, 9, 4 (each twice)
+    assert median_bandwidth(z) == pytest.approx(4.0)
+    assert median_bandwidth(torch.ones(4, 3)) == 1.0  # degenerate sample: kernel stays defined
+
+
+def test_mmd2_is_symmetric_and_invariant_to_translation_and_scale():
+    x, y = gaussian(32, 8, 0), gaussian(40, 8, 1, 0.4)
+    base = mmd2_rbf(x, y)
+    assert mmd2_rbf(y, x) == pytest.approx(base, rel=1e-9)
+    assert mmd2_rbf(x + 7.0, y + 7.0) == pytest.approx(base, rel=1e-6)
+    assert mmd2_rbf(3.0 * x, 3.0 * y) == pytest.approx(base, rel=1e-6)  # median bandwidth
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        (torch.zeros(1, 4), torch.zeros(5, 4)),
+        (torch.zeros(5, 4), torch.zeros(5, 3)),
+        (torch.zeros(5), torch.zeros(5)),
+    ],
+)
+def test_mmd2_refuses_unusable_samples(x, y):
+    with pytest.raises(ValueError):
+        mmd2_rbf(x, y)
+
+
+# ---- mean shift and input statistics -----------------------------------------------------
+
+
+def test_mean_shift_is_the_distance_of_the_means():
+    x = gaussian(50, 4, 0)
+    c = torch.tensor([3.0, 0.0, 4.0, 0.0])
+    assert mean_shift(x, x + c, normalise=False) == pytest.approx(5.0, rel=1e-9)
+    total_var = float((x - x.mean(0)).pow(2).sum(1).mean())
+    assert mean_shift(x, x + c) == pytest.approx(5.0 / math.sqrt(total_var), rel=1e-6)
+    assert mean_shift(2 * x, 2 * (x + c)) == pytest.approx(mean_shift(x, x + c), rel=1e-6)
+
+
+def test_mean_shift_in_standard_deviations_for_a_per_dimension_shift():
+    shift = mean_shift(gaussian(2000, 16, 0), gaussian(2000, 16, 1, 0.5))
+    assert shift == pytest.approx(0.5, abs=0.05)  # 0.5 * sqrt(D) / sqrt(D)
+
+
+def test_loudness_and_brightness_of_known_inputs():
+    fbank = torch.stack([torch.full((8, 4), -1.0), torch.full((8, 4), 2.0)])
+    assert clip_loudness(fbank).tolist() == [-1.0, 2.0]
+    grey = torch.full((1, 2, 3, 4, 4), 0.25)
+    white = torch.ones(1, 2, 3, 4, 4)
+    frames = torch.cat(
+        [(grey - IMAGENET_MEAN) / IMAGENET_STD, (white - IMAGENET_MEAN) / IMAGENET_STD]
+    )
+    assert clip_brightness(frames).tolist() == pytest.approx([0.25, 1.0], abs=1e-6)
+
+
+# ---- drift monitor -----------------------------------------------------------------------
+
+
+def feed(monitor: DriftMonitor, n: int, seed: int, shift: float, loud: float = 0.0) -> None:
+    emb = gaussian(n, 16, seed, shift)
+    monitor.update({"audio": emb, "video": -emb}, {"loudness": torch.full((n,), loud)})
+
+
+def test_drift_monitor_fills_reference_then_recent_and_reports_when_both_have_enough():
+    monitor = DriftMonitor(DriftConfig(window=16, min_samples=4))
+    feed(monitor, 16, 0, 0.0)
+    assert monitor.sizes() == (16, 0) and monitor.report() is None
+    feed(monitor, 3, 1, 0.0)
+    assert monitor.report() is None
+    feed(monitor, 30, 2, 0.0)
+    assert monitor.sizes() == (16, 16)  # the recent window keeps the last 16 only
+    report = monitor.report()
+    assert report is not None and set(report.modalities) == {"audio", "video"}
+    assert (report.reference_size, report.recent_size) == (16, 16)
+
+
+def test_drift_monitor_sees_a_shift_and_rereference_forgets_the_old_reference():
+    def report_after(shift: float, loud: float):
+        m = DriftMonitor(DriftConfig(window=32, min_samples=8))
+        m.update({"audio": gaussian(32, 16, 0)}, {"loudness": torch.linspace(-1, 1, 32)})
+        m.update({"audio": gaussian(32, 16, 1, shift)}, {"loudness": torch.full((32,), loud)})
+        return m
+
+    calm = report_after(0.0, 0.0).report()
+    m = report_after(1.0, 2.0)
+    drifted = m.report()
+    assert drifted.modalities["audio"].mmd2 > 5 * max(abs(calm.modalities["audio"].mmd2), 0.01)
+    assert drifted.modalities["audio"].mean_shift > 3 * calm.modalities["audio"].mean_shift
+    assert drifted.inputs["loudness"].recent == pytest.approx(2.0)
+    assert drifted.inputs["loudness"].zscore > 3.0
+    m.rereference()
+    assert m.sizes() == (0, 0) and m.report() is None
+
+
+def test_drift_config_refuses_windows_too_small_for_the_estimator():
+    with pytest.raises(ValueError):
+        DriftConfig(window=8, min_samples=1)
+    with pytest.raises(ValueError):
+        DriftConfig(window=4, min_samples=8)
+
+
+# ---- forgetting tracker ------------------------------------------------------------------
+
+
+def evaluation(step: int, r1: float, recon: float | None = None) -> ProbeEvaluation:
+    table = {"r1": r1, "r5": r1 + 10, "r10": r1 + 20, "avg": r1 + 10}
+    return ProbeEvaluation(step, {"a2v": table, "v2a": dict(table)}, recon)
+
+
+def test_forgetting_is_best_so_far_minus_current_on_a_scripted_sequence():
+    tracker = ForgettingTracker()
+    script = [(10.0, 2.0), (30.0, 1.5), (20.0, 1.8), (25.0, 1.4), (5.0, 2.5)]
+    expected = [0.0, 0.0, 10.0, 5.0, 25.0]
+    for step, ((r1, recon), want) in enumerate(zip(script, expected, strict=True)):
+        tracker.record("seg-0", evaluation(step, r1, recon))
+        state = tracker.state("seg-0")
+        assert state.forgetting["a2v"]["r1"] == pytest.approx(want)
+        assert state.best["a2v"]["r1"] == max(r for r, _ in script[: step + 1])
+        assert state.current["a2v"]["r1"] == r1
+    state = tracker.state("seg-0")
+    assert (state.evaluations, state.step) == (5, 4)
+    assert state.recon_best == 1.4 and state.recon_increase == pytest.approx(1.1)
+    assert len(tracker.history("seg-0")) == 5
+
+
+def test_forgetting_averages_over_windows_and_excludes_the_current_one():
+    tracker = ForgettingTracker()
+    for step, (a, b, c) in enumerate([(40, 10, 0), (30, 30, 0), (35, 20, 50)]):
+        tracker.record("a", evaluation(step, a))
+        tracker.record("b", evaluation(step, b))
+        tracker.record("c", evaluation(step, c))
+    # forgetting of R@1: a = 40 - 35 = 5, b = 30 - 20 = 10, c = 50 - 50 = 0
+    assert tracker.averages().forgetting["a2v"]["r1"] == pytest.approx(5.0)
+    past = tracker.averages(exclude={"c"})
+    assert past.windows == ["a", "b"]
+    assert past.forgetting["v2a"]["r1"] == pytest.approx(7.5)
+    assert past.recall["a2v"]["r1"] == pytest.approx(27.5)
+    assert tracker.averages(exclude={"a", "b", "c"}).forgetting == {}
+    tracker.drop("a")
+    assert tracker.windows() == ["b", "c"]
+    summary = tracker.summary(exclude={"c"})
+    assert summary["average"]["forgetting"]["a2v"]["r1"] == pytest.approx(10.0)
+    assert summary["windows"]["c"]["forgetting"]["a2v"]["r1"] == 0.0
+
+
+# ---- probe evaluation with a real tiny learner -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learner():
+    return build_learner("finetune", preset("tiny"))
+
+
+def random_batch(n: int, seed: int) -> Batch:
+    cfg = preset("tiny")
+    g = torch.Generator().manual_seed(seed)
+    fbank = torch.randn(n, cfg.audio_frames, cfg.mel_bins, generator=g)
+    frames = torch.randn(n, cfg.num_frames, 3, cfg.frame_size, cfg.frame_size, generator=g)
+    return Batch(fbank, frames)
+
+
+def test_probe_evaluation_is_repeatable_and_changes_nothing(learner):
+    batch = random_batch(6, 0)
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    gen_state = learner.generator.get_state()
+    learner.model.train()
+    first = evaluate_probes(learner, batch, step=3)
+    second = evaluate_probes(learner, batch, step=3)
+    assert first == second and first.probes == 6 and first.step == 3
+    assert set(first.recall) == {"a2v", "v2a"} and set(first.recall["a2v"]) >= {"r1", "r5", "r10"}
+    assert first.recon is not None and math.isfinite(first.recon) and first.recon > 0
+    assert learner.model.training  # mode restored
+    assert torch.equal(learner.generator.get_state(), gen_state)  # the learner's draws untouched
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+
+
+def test_reconstruction_loss_does_not_depend_on_chunking_and_sees_other_clips(learner):
+    batch = random_batch(5, 1)
+    whole = reconstruction_loss(learner, batch, chunk=32)
+    chunked = reconstruction_loss(learner, batch, chunk=2)
+    # same masks in the same order, so only float rounding differs
+    assert chunked == pytest.approx(whole, rel=1e-5)
+    assert reconstruction_loss(learner, random_batch(5, 2)) != pytest.approx(whole, rel=1e-6)
+    assert evaluate_probes(learner, batch, 0, with_recon=False).recon is None
+
+
+def test_fixed_masks_are_per_clip_and_do_not_move_when_probes_join():
+    cfg = preset("tiny")
+    small, large = fixed_masks(cfg, 3, seed=0), fixed_masks(cfg, 5, seed=0)
+    assert all(torch.equal(a, b[:3]) for a, b in zip(small, large, strict=True))
+    vis_a, tgt_a, vis_v, tgt_v = large
+    assert vis_a.shape == (5, cfg.n_visible(cfg.num_audio_tokens))
+    for vis, tgt, total in (
+        (vis_a, tgt_a, cfg.num_audio_tokens),
+        (vis_v, tgt_v, cfg.num_video_tokens),
+    ):
+        both = torch.cat([vis, tgt], dim=1).sort(dim=1).values
+        assert torch.equal(both, torch.arange(total).expand(5, -1))  # a split of every token
+    assert not torch.equal(vis_a[0], vis_a[1])
+
+
+def test_probe_evaluation_needs_two_probes(learner):
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_probes(learner, random_batch(1, 0), 0)
