@@ -68,6 +68,12 @@ def test_bad_presets_and_configs_raise() -> None:
         ModelConfig(dim=100)
 
 
+def test_media_config_produces_the_model_inputs(cfg: ModelConfig) -> None:
+    media = cfg.media()
+    got = (media.audio_frames, media.mel_bins, media.num_frames, media.frame_size)
+    assert got == (cfg.audio_frames, cfg.mel_bins, cfg.num_frames, cfg.frame_size)
+
+
 def test_wrong_input_shape_raises(model: AVMAE, inputs) -> None:
     fbank, frames = inputs
     with pytest.raises(ValueError, match="expected fbank"):
@@ -150,6 +156,17 @@ def test_decoder_sequence_is_visible_plus_targets(model: AVMAE, cfg: ModelConfig
     finally:
         hook.remove()
     assert seen == [vis_a.shape[1] + 40, vis_v.shape[1] + 17]
+
+
+def test_code_pass_is_the_joint_pass_before_its_final_norm(model: AVMAE, inputs) -> None:
+    """STELLA feeds the AVM the joint fusion output of all tokens, un-normalised."""
+    with torch.no_grad():
+        ha, hv = model.forward_modality(*model.tokenize(*inputs))
+        za, zv = model.forward_code(ha, hv)
+        ja, jv = model.forward_joint(ha, hv)
+    torch.testing.assert_close(model.norm(za), ja)
+    torch.testing.assert_close(model.norm(zv), jv)
+    assert not torch.allclose(za, ja, atol=1e-2)
 
 
 def test_embed_equals_embed_from_hidden(model: AVMAE, inputs) -> None:
