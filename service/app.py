@@ -31,6 +31,26 @@ from service.settings import ApiSettings
 log = logging.getLogger(__name__)
 
 RAW_TYPES = ("video/", "audio/", "application/octet-stream", "application/mp4")
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+INGEST_OPENAPI = {  # the body is read by hand (size cap, raw or multipart), so describe it here
+    "requestBody": {
+        "required": True,
+        "content": {
+            "video/mp4": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "task": {"type": "string"},
+                    },
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
 
 
 class ApiState:
@@ -97,7 +117,7 @@ async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _add_routes(app: FastAPI) -> None:
-    app.post("/ingest", status_code=202)(ingest)
+    app.post("/ingest", status_code=202, openapi_extra=INGEST_OPENAPI)(ingest)
     app.get("/embed")(embed)
     app.get("/healthz")(healthz)
     app.get("/readyz")(readyz)
