@@ -183,3 +183,23 @@ def test_metrics_count_outcomes(api, clip):
 def test_service_does_not_import_torch():
     code = "import sys, service.app; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.getcwd()).returncode == 0
+
+
+def test_api_recovers_by_itself_after_redis_restart(redis_server, clip):
+    settings = ApiSettings(redis_url=redis_server.url, key_prefix="outage")
+    with TestClient(create_app(settings)) as api:
+        assert (
+            api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"}).status_code
+            == 202
+        )
+        redis_server.stop()
+        other = encode_clip(ClipSpec(seconds=1.0, tone_hz=700.0))
+        down = api.post("/ingest", content=other, headers={"Content-Type": "video/mp4"})
+        assert down.status_code == 503 and int(down.headers["Retry-After"]) > 0
+        assert api.get("/embed", params={"clip_id": "0" * 64}).status_code == 503
+        redis_server.start()
+        up = api.post("/ingest", content=other, headers={"Content-Type": "video/mp4"})
+        assert up.status_code == 202, up.text
+        # the clip accepted before the restart survived it (append-only file)
+        first = hashlib.sha256(clip).hexdigest()
+        assert api.get("/embed", params={"clip_id": first}).json()["status"] == "pending"
