@@ -167,15 +167,21 @@ class AVM(nn.Module):
     def matching_loss(
         self, za: Tensor, zv: Tensor, generator: torch.Generator | None = None
     ) -> MatchingResult:
-        """BCE matching loss on half true pairs, half deranged videos.
+        """BCE matching loss on half true pairs, half deranged videos (see `matching_pairs`).
 
+        For tokens that do not depend on their pair. When the code pass mixes the pair (the
+        backbone's joint fusion blocks), run it on the deranged pairs and call `match`.
         The caller passes detached backbone tokens, so only AVM parameters get gradients.
         """
         labels, video_index = matching_pairs(za.shape[0], generator)
-        labels = labels.to(za.device)
-        proj = self.project(za, zv[video_index.to(zv.device)])
-        logits = self.match_logit(proj.a, proj.v)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        return self.match(za, zv[video_index.to(zv.device)], labels)
+
+    def match(self, za: Tensor, zv: Tensor, labels: Tensor) -> MatchingResult:
+        """BCE-with-logits and accuracy for given pairs za (B,La,D), zv (B,Lv,D), labels (B,)."""
+        labels = labels.to(device=za.device, dtype=torch.float32)
+        proj = self.project(za, zv)
+        logits = self.match_logit(proj.a, proj.v).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
         acc = ((logits > 0).float() == labels).float().mean()
         return MatchingResult(loss=loss, acc=acc, logits=logits, labels=labels)
 

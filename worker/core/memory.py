@@ -13,10 +13,11 @@ STELLA+ ("patches only") stores a subset of each clip instead of the clip: the s
 patchified tokens `tokens_a` (K_a, P_a), `tokens_v` (K_v, P_v) and their token ids
 `ids_a` (K_a,), `ids_v` (K_v,) int64. Selection always returns exactly K tokens per modality,
 so these fields have a fixed per-clip shape like any other and cost about K/L of the clip
-(half at the default keep ratio). A STELLA+ replay sample is not turned back into a full clip:
-its stored tokens *are* its selected set. The backbone receives them with `ids` as position
-ids (the same path as freshly selected current tokens), draws its 20% visible tokens from
-them and reconstructs the rest; C/I are not needed for replay and need not be stored.
+(half at the default keep ratio). A STELLA+ replay sample's stored tokens *are* its selected
+set: `methods.FlavaPlus` scatters them to their ids in an otherwise zero token map and
+unpatchifies it into a clip-shaped fbank/frames, then uses `ids` as the keep-set, so the
+backbone sees exactly the stored patches at their original positions (20% of L visible, the
+rest reconstructed) and never reads the zeros. No re-selection happens, so C/I are not stored.
 
 Reservoir rule: the n-th clip seen (1-based) fills slot n-1 while the memory is not full;
 afterwards it replaces a uniformly drawn slot with probability capacity / n. Every clip seen
