@@ -1,0 +1,16 @@
+"""The demo, small: embedded Redis, API and worker processes, report printed, clean exit."""
+
+from __future__ import annotations
+
+from flava.demo import DemoConfig, run_demo
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FLAVA_REDIS_URL", raising=False)  # use the embedded Redis
+    cfg = DemoConfig(segments=2, clips_per_segment=8, probes_per_segment=4, workdir=tmp_path)
+    assert run_demo(cfg) == 0
+    out = capsys.readouterr().out
+    assert "clips learned      : 16 / 16" in out
+    assert "segment 0: instance R@1" in out and "segment 1: instance R@1" in out
+    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))  # the worker checkpointed on exit
+    assert "worker stopped at version" in (tmp_path / "worker.log").read_text()
