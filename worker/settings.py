@@ -24,7 +24,7 @@ class WorkerSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "flava"
     consumer: str = Field(default_factory=_default_consumer)
-    method: str = "finetune"  # continual method: see worker.core.learner.LEARNERS
+    method: str = "flava"  # continual method: see worker.core.learner.LEARNERS
     preset: str = "tiny"  # model preset: tiny | small | base
     device: str = "auto"  # auto -> cuda when available, else cpu
     batch_size: int = 8
@@ -39,6 +39,9 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = 0  # 0: no /metrics server
     seed: int = 0
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
+    # where published embeddings come from: "pre_update" reuses FLAVA's no-grad all-token
+    # pass (stamped with the pre-update version, ~1/6 the cost); "updated" re-embeds
+    embed_with: Literal["pre_update", "updated"] = "pre_update"
     shutdown_grace_s: float = 60.0  # after SIGTERM: finish batch + checkpoint, else hard exit
     # drift and forgetting monitors (worker.monitoring)
     monitor_window: int = 64  # drift: clips in the reference window and in the recent window

@@ -52,6 +52,7 @@ def started(settings, client) -> Worker:
 def test_batch_is_learned_embedded_and_acked(settings, client, clips, prefix):
     keys = wire.Keys(prefix)
     ids = [enqueue(client, keys, c) for c in clips[:4]]
+    settings.embed_with = "updated"
     w = started(settings, client)
     report = w.iterate()
     assert (report.learned, report.dead) == (4, 0)
@@ -61,6 +62,25 @@ def test_batch_is_learned_embedded_and_acked(settings, client, clips, prefix):
         assert emb.model_version == 1 and emb.step == 1
         assert len(emb.audio) == len(emb.video) == w.model_cfg.dim
     assert w.queue.depths() == (0, 0, 0)
+
+
+def test_flava_publishes_pre_update_embeddings_stamped_with_that_version(
+    settings, client, clips, prefix
+):
+    from worker.core.media import decode_clip
+    from worker.runner import _batch
+
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:4]]
+    w = started(settings, client)
+    assert settings.method == "flava" and settings.embed_with == "pre_update"
+    expected_a, _ = w.learner.embed(_batch([decode_clip(c, w.media_cfg) for c in clips[:4]]))
+    w.iterate()
+    assert w.counters.version == 1
+    for i, cid in enumerate(ids):
+        emb = wire.Embedding.from_fields(client.hgetall(keys.embedding(cid)))
+        assert (emb.model_version, emb.step) == (0, 0)  # made by the weights before the update
+        assert torch.allclose(torch.tensor(emb.audio), expected_a[i], atol=1e-4)
 
 
 def test_undecodable_clip_is_dead_lettered_and_worker_goes_on(settings, client, clips, prefix):
