@@ -280,12 +280,16 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=ChaosConfig.clips)
     p.add_argument("--kills", type=int, default=ChaosConfig.kills)
     p.add_argument("--kill-every", type=float, default=ChaosConfig.kill_every_s)
+    p.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: temp)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = ChaosConfig(clips=args.clips, kills=args.kills, kill_every_s=args.kill_every)
-    with tempfile.TemporaryDirectory(prefix="flava-chaos-") as tmp:
-        report = run_chaos(cfg, Path(tmp))
+    if args.workdir:
+        report = run_chaos(cfg, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="flava-chaos-") as tmp:
+            report = run_chaos(cfg, Path(tmp))
     write_results(report, cfg)
     print(json.dumps(asdict(report), indent=2))
 
