@@ -1,0 +1,40 @@
+# One image for the API (`flava serve`) and the worker (`flava worker`).
+#
+#   docker build -t flava-stream .                       # PyPI torch: CUDA-capable on x86_64
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t flava-stream:cpu .
+#
+# The worker picks the GPU when one is visible (FLAVA_DEVICE=auto) and the CPU otherwise.
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.13.0
+# empty: PyPI (its Linux x86_64 torch wheels bundle CUDA); or a PyTorch wheel index
+ARG TORCH_INDEX_URL=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# torch first, in its own layer: it is most of the image and changes least often
+RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+# the project (PyAV wheels bundle FFmpeg, so no system codecs are needed)
+COPY pyproject.toml README.md ./
+COPY contract ./contract
+COPY service ./service
+COPY worker ./worker
+COPY flava ./flava
+RUN pip install .
+
+# non-root; checkpoints live on a volume mounted at /var/lib/flava
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flava \
+    && mkdir -p /var/lib/flava/checkpoints \
+    && chown -R flava:flava /var/lib/flava
+USER flava
+ENV FLAVA_CHECKPOINT_DIR=/var/lib/flava/checkpoints
+
+EXPOSE 8000 9100
+ENTRYPOINT ["flava"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,160 @@
+"""docker-compose.yml and the Dockerfile, checked by parsing (no Docker engine runs here).
+
+The checks tie the files together: what compose mounts exists in the repo, the ports
+Prometheus scrapes are the ports the services listen on, Grafana's dashboard provider
+reads where compose mounts the dashboards, the image runs ``flava`` as a non-root user.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def env(service: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in service.get("environment", {}).items()}
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """target -> source of every short-syntax volume entry."""
+    out = {}
+    for entry in service.get("volumes", []):
+        source, target = entry.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def test_compose_has_the_five_services_each_with_a_healthcheck(compose):
+    assert set(services(compose)) == SERVICES
+    for name, svc in services(compose).items():
+        assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        assert svc.get("restart") == "unless-stopped"
+
+
+def test_redis_persists_with_appendonly_on_a_named_volume(compose):
+    redis = services(compose)["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert mounts(redis)["/data"] in compose["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_api_healthcheck_token_and_dependency(compose):
+    api = services(compose)["api"]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "127.0.0.1:8000" in " ".join(api["healthcheck"]["test"])
+    assert api["command"][:1] == ["serve"] and "8000" in api["command"]
+    assert re.fullmatch(r"\$\{FLAVA_API_TOKEN:\?.+\}", env(api)["FLAVA_API_TOKEN"])
+    assert env(api)["FLAVA_ENVIRONMENT"] == "production"  # the API then refuses no token
+    assert env(api)["FLAVA_REDIS_URL"].startswith("redis://redis:6379")
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_reserves_a_gpu_falls_back_to_cpu_and_keeps_checkpoints(compose):
+    worker = services(compose)["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert env(worker)["FLAVA_DEVICE"] in ("auto", "${FLAVA_DEVICE:-auto}")
+    assert worker["command"] == ["worker"]
+    assert "FLAVA_API_TOKEN" not in env(worker)  # the worker never serves HTTP requests
+    checkpoint_dir = env(worker)["FLAVA_CHECKPOINT_DIR"]
+    assert mounts(worker)[checkpoint_dir] in compose["volumes"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["image"] == services(compose)["api"]["image"]  # one image for both
+
+
+def test_prometheus_scrapes_the_ports_the_services_listen_on(compose):
+    prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in prom["scrape_configs"]
+    }
+    worker_port = env(services(compose)["worker"])["FLAVA_METRICS_PORT"]
+    assert targets == {"api": ["api:8000"], "worker": [f"worker:{worker_port}"]}
+    assert mounts(services(compose)["prometheus"])["/etc/prometheus/prometheus.yml"] == (
+        "./deploy/prometheus.yml"
+    )
+    assert (
+        "--config.file=/etc/prometheus/prometheus.yml" in services(compose)["prometheus"]["command"]
+    )
+
+
+def test_grafana_provisioning_matches_the_mounts(compose):
+    grafana = services(compose)["grafana"]
+    m = mounts(grafana)
+    assert m["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/provider.yml").read_text()
+    )
+    dashboards_path = provider["providers"][0]["options"]["path"]
+    assert m[dashboards_path] == "./deploy/grafana/dashboards"
+    home = env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "deploy/grafana/dashboards" / Path(home).relative_to(dashboards_path)).is_file()
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    (ds,) = source["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    assert "${GRAFANA_ADMIN_PASSWORD:?" in env(grafana)["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+def test_every_bind_mount_exists_and_every_named_volume_is_declared(compose):
+    for name, svc in services(compose).items():
+        for target, source in mounts(svc).items():
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"{name}: volume {source} not declared"
+            assert target.startswith("/")
+
+
+def test_variable_references_are_well_formed():
+    text = (ROOT / "docker-compose.yml").read_text()
+    refs = re.findall(r"\$\{[^}]*\}", text)
+    assert refs and all(re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}", r) for r in refs)
+
+
+# ---- Dockerfile --------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def test_dockerfile_one_slim_image_non_root_with_the_flava_entrypoint():
+    steps = dockerfile()
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    users = [args for op, args in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert ("ENTRYPOINT", '["flava"]') in steps
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["flava"] == "flava.cli:main"
+    installs = " ".join(args for op, args in steps if op == "RUN")
+    assert "torch==" in installs and "pip install ." in installs
+
+
+def test_dockerfile_copies_only_what_exists():
+    for op, args in dockerfile():
+        if op == "COPY":
+            *sources, _ = shlex.split(args)
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY source {source} missing"
