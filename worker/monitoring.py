@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 import torch
+from prometheus_client import Gauge
 from torch import Tensor
 
 from contract import wire
@@ -329,7 +330,10 @@ def _export_drift(report: DriftReport) -> None:
 
 def _remove_window_series(name: str, ks: tuple[int, ...]) -> None:
     """Remove a dropped window's labelled series, so label cardinality stays bounded."""
-    removals = [(telemetry.PROBE_CLIPS, (name,)), (telemetry.PROBE_RECON_LOSS, (name,))]
+    removals: list[tuple[Gauge, tuple[str, ...]]] = [
+        (telemetry.PROBE_CLIPS, (name,)),
+        (telemetry.PROBE_RECON_LOSS, (name,)),
+    ]
     for direction, _, k in _series(ks):
         removals += [(telemetry.PROBE_RECALL, (name, direction, k))]
         removals += [(telemetry.FORGETTING, (name, direction, k))]
