@@ -213,7 +213,7 @@ def run_drifting_stream(api_url: str) -> None:
 def variable_values(prom_url: str, variable: dict) -> list[str]:
     """Every value a dashboard variable can take, asked of Prometheus for query variables."""
     if variable["type"] == "custom":
-        return [o["value"] for o in variable["options"]]
+        return [v.strip() for v in variable["query"].split(",")]
     match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["definition"])
     assert match, f"unsupported variable query {variable['definition']}"
     metric, label = match.groups()
