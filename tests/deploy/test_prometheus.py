@@ -154,7 +154,7 @@ def stack(redis_url, prefix, tmp_path):
         "FLAVA_API_TOKEN": TOKEN,
         "FLAVA_CONSUMER": f"{prefix}-worker",
         "FLAVA_PRESET": "tiny",
-        "FLAVA_METHOD": "finetune",
+        "FLAVA_METHOD": "flava",  # the default method: selection and AVM metrics are real
         "FLAVA_DEVICE": "cpu",
         "FLAVA_BATCH_SIZE": "4",
         "FLAVA_BLOCK_MS": "200",
