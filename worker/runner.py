@@ -115,6 +115,8 @@ class Worker:
         try:
             deliveries = self.queue.next_batch(self.settings.batch_size, self.settings.block_ms)
             report = self.process(deliveries) if deliveries else None
+            if report is None:
+                self.monitor.catch_up(self.counters.step, self.counters.version)
             self.heartbeat()
         except REDIS_ERRORS:
             self.queue.reread_pending()  # what was delivered before the outage comes back first

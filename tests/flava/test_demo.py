@@ -11,6 +11,9 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys, monkeypatch):
     assert run_demo(cfg) == 0
     out = capsys.readouterr().out
     assert "clips learned      : 16 / 16" in out
-    assert "segment 0: instance R@1" in out and "segment 1: instance R@1" in out
+    assert "drift and forgetting per segment" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("segment-")]
+    assert [r[0] for r in rows] == ["segment-0", "segment-1"]
+    assert all(r[1] == "4" for r in rows)  # every segment's probes were kept and evaluated
     assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))  # the worker checkpointed on exit
     assert "worker stopped at version" in (tmp_path / "worker.log").read_text()
