@@ -274,7 +274,7 @@ async def readyz(state: State) -> JSONResponse:
     await state.redis.ping()
     metrics.REDIS_UP.set(1)
     newest = await state.redis.zrevrange(state.keys.workers, 0, 0, withscores=True)
-    age = time.time() - newest[0][1] if newest else None
+    age = time.time() - float(newest[0][1]) if newest else None
     ready = age is not None and age <= state.settings.heartbeat_max_age_s
     body = {"redis": "ok", "worker_heartbeat_age_s": age, "ready": ready}
     return JSONResponse(body, status_code=200 if ready else 503)

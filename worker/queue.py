@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.exceptions import ResponseError
@@ -75,7 +76,7 @@ class ClipQueue:
         return batch or self._read(">", count, block_ms)
 
     def _read(self, start: str, count: int, block_ms: int | None) -> list[Delivery]:
-        reply = self.redis.xreadgroup(
+        reply: Any = self.redis.xreadgroup(
             wire.GROUP, self.consumer, {self.keys.stream: start}, count=count, block=block_ms
         )
         entries = [(eid, f) for _, items in reply or [] for eid, f in items if f]
@@ -121,7 +122,8 @@ class ClipQueue:
         """The clips' bytes (None where the blob expired or was never written)."""
         if not deliveries:
             return []
-        return self.redis.mget([self.keys.blob(d.entry.clip_id) for d in deliveries])
+        blobs: list[Any] = self.redis.mget([self.keys.blob(d.entry.clip_id) for d in deliveries])
+        return blobs
 
     def clip_state(self, deliveries: list[Delivery]) -> list[str]:
         pipe = self.redis.pipeline(transaction=False)
@@ -167,7 +169,7 @@ class ClipQueue:
         )
         return bool(acked)
 
-    def heartbeat(self, model: dict[str, str | int | float]) -> None:
+    def heartbeat(self, model: dict[str, Any]) -> None:
         """Announce liveness (for /readyz) and publish the model's version."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(self.keys.workers, {self.consumer: time.time()})
