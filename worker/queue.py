@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import ResponseError
@@ -174,7 +174,7 @@ class ClipQueue:
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(self.keys.workers, {self.consumer: time.time()})
         if model:
-            pipe.hset(self.keys.model, mapping=model)
+            pipe.hset(self.keys.model, mapping=cast(Any, model))
         pipe.execute()
 
     def published_version(self) -> int:
