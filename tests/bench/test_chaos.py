@@ -27,7 +27,7 @@ def test_kills_and_redis_restart_lose_nothing(tmp_path):
 
 
 def test_sigterm_finishes_batch_checkpoints_and_exits_zero(tmp_path):
-    from tests.worker.test_queue import enqueue
+    from tests.queueing import enqueue
     from worker.core.synthetic import StreamConfig, drifting_stream
 
     server = RedisProcess(tmp_path / "redis")

@@ -240,7 +240,7 @@ def _corrupt_middle(data: bytes, seed: int = 3) -> bytes:
 
 def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, prefix, tmp_path):
     """What passes the cheap probe but breaks in the worker never stops the worker."""
-    from tests.worker.test_queue import enqueue
+    from tests.queueing import enqueue
     from worker.core.synthetic import StreamConfig, make_clip, segment_specs
     from worker.runner import Worker
     from worker.settings import WorkerSettings

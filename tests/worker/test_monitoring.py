@@ -12,6 +12,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from contract import wire
+from tests.queueing import enqueue
 from worker.core.learner import Batch, build_learner
 from worker.core.media import decode_clip
 from worker.core.model import preset
@@ -202,18 +203,6 @@ def test_summary_is_published_to_redis(learner, media, redis_url, prefix):
 # ---- wired into the worker -----------------------------------------------------------------
 
 
-def enqueue(client, keys: wire.Keys, data: bytes, task: str, purpose: str) -> str:
-    """Queue like the API does (same script), with a task tag."""
-    cid = hashlib.sha256(data).hexdigest()
-    entry = wire.ClipEntry(cid, len(data), "video/mp4", task, purpose)
-    outcome, _ = client.register_script(wire.INGEST_SCRIPT)(
-        keys=[keys.clip(cid), keys.blob(cid), keys.stream, keys.backlog],
-        args=[data, 60, 100, *wire.flatten(entry.to_fields())],
-    )
-    assert outcome == b"queued"
-    return cid
-
-
 def test_worker_feeds_the_monitor_and_publishes_its_summary(media, redis_url, prefix, tmp_path):
     settings = WorkerSettings(
         redis_url=redis_url,
@@ -229,9 +218,9 @@ def test_worker_feeds_the_monitor_and_publishes_its_summary(media, redis_url, pr
     client = redis.Redis.from_url(redis_url)
     keys = wire.Keys(prefix)
     for data, _ in media["probe0"]:
-        enqueue(client, keys, data, "segment-0", "probe")
+        enqueue(client, keys, data, "probe", "segment-0")
     for data, _ in media["train0"][:4]:
-        enqueue(client, keys, data, "segment-0", "train")
+        enqueue(client, keys, data, "train", "segment-0")
     worker = Worker(settings, client)
     worker.start()
     try:

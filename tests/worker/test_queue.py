@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import redis
 
 from contract import wire
+from tests.queueing import enqueue
 from worker.queue import ClipQueue
 
 
@@ -16,19 +15,6 @@ def client(redis_url):
     c = redis.Redis.from_url(redis_url)
     yield c
     c.close()
-
-
-def enqueue(client, keys: wire.Keys, payload: bytes, purpose: str = "train") -> str:
-    """Queue like the API does (same script), without HTTP."""
-    cid = hashlib.sha256(payload).hexdigest()
-    entry = wire.ClipEntry(cid, len(payload), "video/mp4", "t", purpose)
-    script = client.register_script(wire.INGEST_SCRIPT)
-    outcome, _ = script(
-        keys=[keys.clip(cid), keys.blob(cid), keys.stream, keys.backlog],
-        args=[payload, 60, 100, *wire.flatten(entry.to_fields())],
-    )
-    assert outcome == b"queued"
-    return cid
 
 
 def test_finish_writes_embedding_then_acks_and_frees_blob(client, prefix):

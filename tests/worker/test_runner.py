@@ -9,7 +9,7 @@ import redis
 import torch
 
 from contract import wire
-from tests.worker.test_queue import enqueue
+from tests.queueing import enqueue
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
 from worker.runner import Worker
 from worker.settings import WorkerSettings
