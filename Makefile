@@ -28,3 +28,9 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# The continual benchmark (bench/continual.py): every method side by side on the synthetic
+# stream and AV-Digits; CONTINUAL_MODE=quick (a few minutes) or full (the committed results).
+CONTINUAL_MODE ?= full
+bench-continual: $(STAMP)
+	$(PY) -m bench.continual --mode $(CONTINUAL_MODE)

@@ -1,4 +1,4 @@
-"""The ``flava`` command: serve, worker, demo, push.
+"""The ``flava`` command: serve, worker, demo, push, bench.
 
 Each subcommand imports only what it needs, so ``flava serve`` never loads torch.
 """
@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--task", default=None)
     push.add_argument("--synthetic", type=int, default=0, help="generate N clips per segment")
     push.set_defaults(run=_push)
+
+    bench = sub.add_parser("bench", help="benchmarks (run from the repository root)")
+    benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
+    continual = benches.add_parser(
+        "continual", help="every continual method side by side (bench/continual.py)"
+    )
+    continual.add_argument("--mode", choices=("quick", "full"), default="quick")
+    continual.add_argument("options", nargs=argparse.REMAINDER, help="see bench.continual -h")
+    continual.set_defaults(run=_bench_continual)
     return p
 
 
@@ -90,6 +99,12 @@ def _push(args) -> int:
         print("flava push: give clip files or --synthetic N", file=sys.stderr)
         return 2
     return push_files(args.url, args.token, args.files, args.task)
+
+
+def _bench_continual(args) -> int:
+    from bench.continual import main as continual_main
+
+    return continual_main(["--mode", args.mode, "--log-level", args.log_level, *args.options])
 
 
 if __name__ == "__main__":
