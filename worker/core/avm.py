@@ -158,9 +158,10 @@ class AVM(nn.Module):
 
     def match_logit(self, a: QKV, v: QKV) -> Tensor:
         """Matching logit (B,) = head([mean_j softmax(S_va) V_a ; mean_i softmax(S_av) V_v])."""
-        lg = self.logits(AVMProjections(a=a, v=v))
-        video_side = (lg.va.softmax(-1) @ a.v).mean(dim=2)  # (B, H, d), pooled over video rows
-        audio_side = (lg.av.softmax(-1) @ v.v).mean(dim=2)  # (B, H, d), pooled over audio rows
+        # fused attention: the (B, H, La, Lv) maps are never stored for the backward pass
+        attend = F.scaled_dot_product_attention
+        video_side = attend(v.q, a.k, a.v, scale=self.scale).mean(dim=2)  # (B, H, d) over Lv
+        audio_side = attend(a.q, v.k, v.v, scale=self.scale).mean(dim=2)  # (B, H, d) over La
         pooled = torch.cat([video_side.flatten(1), audio_side.flatten(1)], dim=1)
         return self.head(pooled).squeeze(-1)
 

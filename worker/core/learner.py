@@ -179,7 +179,12 @@ class Learner:
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        # the fused kernel: one pass over every tensor, ~5x faster than the per-tensor loop
+        # Adam runs on the CPU by default (and the default foreach path on CUDA)
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(
+            params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, fused=fused
+        )
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast on CUDA when ``cfg.amp``; a no-op elsewhere."""
@@ -195,24 +200,46 @@ class Learner:
         vis_v, tgt_v = random_split(batch, lv, c.n_visible(lv), self.generator, self.device)
         return vis_a, tgt_a, vis_v, tgt_v
 
-    def _apply(self, loss: Tensor) -> tuple[bool, float]:
-        """Backprop ``loss`` and step, unless it (or a gradient) is not finite.
+    def backward_early(self, loss: Tensor) -> Tensor:
+        """Zero the gradients and backprop ``loss`` now, so that its graph is freed before
+        the rest of the step builds its own (peak memory = the larger graph, not the sum).
 
+        Returns ``loss`` detached, to pass to ``_apply(..., early=)``: a non-finite value
+        there skips the step, and the gradients it left are zeroed."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach()
+
+    def _apply(self, loss: Tensor, early: Tensor | None = None) -> tuple[bool, float]:
+        """Backprop ``loss`` and step, unless it, ``early`` or a gradient is not finite.
+
+        ``early`` is a loss already backpropagated by ``backward_early`` this step.
         Returns (skipped, grad_norm). A skipped step changes no parameter and no
         optimizer state.
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(loss.detach())):
+        if early is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        checked = loss.detach() if early is None else loss.detach() + early
+        if not bool(torch.isfinite(checked)):
             return self._skip(math.nan)
         loss.backward()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = self._grad_norm()
         if not math.isfinite(norm):
             return self._skip(norm)
         self.optimizer.step()
         self.step_count += 1
         return False, norm
+
+    def _grad_norm(self) -> float:
+        """Total gradient norm; gradients are clipped to ``cfg.grad_clip`` when it is > 0.
+
+        Without clipping only the norm is computed: clip_grad_norm_(inf) would also multiply
+        every gradient by 1."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        grads = [p.grad for p in params if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _skip(self, norm: float) -> tuple[bool, float]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -427,6 +427,8 @@ class Flava(ReplayLearner):
         self.model.train()
         align = self.alignment_pass(batch)
         self.pre_update = align.embeddings
+        # the AVM's graph (all tokens of the current clips) is freed before the backbone's
+        avm = self.backward_early(self.cfg.avm_weight * align.match.loss)
         full = not self.selection_on and self.options.warmup == "full"
         replay = None if full else self.sample_replay(len(batch))
         current = self.select_current(align.scores, replay)
@@ -436,8 +438,9 @@ class Flava(ReplayLearner):
         with self.autocast():
             out = self.model.mae_loss(fbank, frames, *idx)
         der = der_term(out, replay, len(batch)) if replay is not None else out.loss.new_zeros(())
-        total = out.loss + self.cfg.avm_weight * align.match.loss + self.cfg.der_alpha * der
-        skipped, norm = self._apply(total)
+        backbone = out.loss + self.cfg.der_alpha * der
+        skipped, norm = self._apply(backbone, early=avm)
+        total = backbone.detach() + avm
         self.remember(self._memory_items(batch, align.scores, current, out), skipped)
         self._update_warmup(float(align.match.acc))
         stats = self._stats(out, align, plan, (total, der), (start, skipped, norm))
