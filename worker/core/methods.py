@@ -442,7 +442,8 @@ class Flava(ReplayLearner):
         skipped, norm = self._apply(backbone, early=avm)
         total = backbone.detach() + avm
         self.remember(self._memory_items(batch, align.scores, current, out), skipped)
-        self._update_warmup(float(align.match.acc))
+        if bool((align.match.labels == 0).any()):  # batches under 3 clips have no negatives
+            self._update_warmup(float(align.match.acc))
         stats = self._stats(out, align, plan, (total, der), (start, skipped, norm))
         return self.replay_stats(stats, len(batch), replay)
 

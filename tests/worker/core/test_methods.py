@@ -112,6 +112,16 @@ def test_warmup_steps_use_all_tokens_until_the_avm_is_accurate(cfg: ModelConfig)
     assert stats.selection and stats.tokens_kept_a == keep_count(cfg.num_audio_tokens, 0.5)
 
 
+def test_warmup_ignores_batches_without_negatives(cfg: ModelConfig) -> None:
+    learner = learner_for("flava", cfg, warmup_acc=0.7, acc_momentum=0.0)
+    with torch.no_grad():  # a head that always says "match": right on every all-positive batch
+        learner.avm.head[2].bias.fill_(50.0)
+    learner.step(make_batch(cfg, n=2))
+    assert learner.acc_ema == 0.5 and learner.selection_step is None
+    learner.step(make_batch(cfg, n=4))  # 2 negatives, all called matches: accuracy 0.5
+    assert learner.acc_ema == 0.5 and learner.selection_step is None
+
+
 def test_random_warmup_replays_at_the_selection_budget(cfg: ModelConfig) -> None:
     learner = learner_for("flava", cfg, warmup_acc=0.99, warmup="random")
     learner.step(make_batch(cfg))
