@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    idle_openmp_threads_sleep()
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     return args.run(args) or 0
+
+
+def idle_openmp_threads_sleep() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless set: torch's idle OpenMP threads sleep, not spin.
+
+    Set before any subcommand imports torch (OpenMP reads it once). Spinning threads steal
+    the cores the decode processes, the API and Redis need between the learner's parallel
+    regions: on a busy 2-core machine a tiny-preset step took 1-7 s spinning, 0.4-0.6 s
+    sleeping (bench/results/perf.md)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     continual.add_argument("--mode", choices=("quick", "full"), default="quick")
     continual.add_argument("options", nargs=argparse.REMAINDER, help="see bench.continual -h")
     continual.set_defaults(run=_bench_continual)
+    perf = benches.add_parser("perf", help="performance side by side (bench/perf.py)")
+    perf.add_argument("options", nargs=argparse.REMAINDER, help="see bench.perf -h")
+    perf.set_defaults(run=_bench_perf)
     return p
 
 
@@ -105,6 +120,12 @@ def _bench_continual(args) -> int:
     from bench.continual import main as continual_main
 
     return continual_main(["--mode", args.mode, "--log-level", args.log_level, *args.options])
+
+
+def _bench_perf(args) -> int:
+    from bench.perf import main as perf_main
+
+    return perf_main(args.options)
 
 
 if __name__ == "__main__":

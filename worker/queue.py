@@ -65,8 +65,17 @@ class ClipQueue:
         """Make the next read start again from this consumer's own pending entries."""
         self._own_pending = True
 
-    def next_batch(self, count: int, block_ms: int) -> list[Delivery]:
-        """Up to ``count`` deliveries: own pending, then idle reclaimed, then new."""
+    @property
+    def rereading(self) -> bool:
+        """Whether the next read re-reads own pending entries (id 0), not new ones.
+
+        While it does, a batch read ahead would hand back entries still in hand."""
+        return self._own_pending
+
+    def next_batch(self, count: int, block_ms: int | None) -> list[Delivery]:
+        """Up to ``count`` deliveries: own pending, then idle reclaimed, then new.
+
+        ``block_ms`` None: do not wait for new entries."""
         if self._own_pending:
             batch = self._read("0", count, None)
             if batch:

@@ -1,9 +1,16 @@
 """The worker process: consume the clip stream, learn online, publish versioned embeddings.
 
-One iteration: read a batch of deliveries -> drop duplicates and over-delivered entries ->
-fetch the clips' bytes -> decode (thread pool) -> one update of the learner on the batch's
-training clips -> embed every clip with the updated model -> write each embedding and ack
-it in one script -> heartbeat, metrics, checkpoint every N steps.
+One iteration: take a batch of deliveries (read ahead during the previous update, or read
+now) -> drop duplicates and over-delivered entries -> collect the decoded clips -> read the
+next batch and start decoding it -> one update of the learner on the batch's training clips
+-> embed every clip -> write each embedding and ack it in one script -> heartbeat, metrics,
+checkpoint every N steps.
+
+Overlap: clips decode in separate processes (worker/decoding.py), so the next batch's bytes
+are fetched and decoded while the current update runs, instead of adding to it. A batch is
+read ahead only in the steady state: not while re-reading own pending entries (they would
+include the batch in hand), not when the step limit or a stop is near. On stop, a batch read
+ahead is processed too, so nothing taken is left pending.
 
 A crash anywhere before the ack means redelivery, never loss; a clip that cannot be
 decoded goes to the dead-letter stream with its reason and the worker keeps going.
@@ -15,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
@@ -27,8 +33,9 @@ from contract import wire
 from worker import telemetry
 from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
-from worker.core.media import Clip, MediaError, decode_clip
+from worker.core.media import Clip
 from worker.core.model import preset
+from worker.decoding import DecodePool, PendingDecode
 from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.queue import ClipQueue, Delivery
 from worker.settings import WorkerSettings
@@ -46,6 +53,14 @@ class Counters:
     clips_learned: int = 0
     clips_probed: int = 0
     clips_dead: int = 0
+
+
+@dataclass
+class Fetched:
+    """A batch read from the stream whose clips are decoding in the decode processes."""
+
+    deliveries: list[Delivery]
+    decodes: list[PendingDecode]
 
 
 @dataclass
@@ -83,7 +98,9 @@ class Worker:
             device=str(pick_device(settings.device)),
         )
         self.counters = Counters()
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.pool = DecodePool(settings.decode_processes, self.media_cfg)
+        self._ahead: Fetched | None = None  # the next batch, read during the current update
+        self._stop: threading.Event | None = None
         self._last_heartbeat = 0.0
         self._last_checkpoint_step = 0
         self.monitor = StreamMonitor(
@@ -103,36 +120,56 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set or ``max_steps`` updates were taken, then checkpoint."""
         self.start()
+        self._stop = stop
         try:
             while not stop.is_set() and not self._reached_max_steps():
                 self._retry(self.iterate, stop=stop)
+            if self._ahead is not None:  # taken from the stream: finish it, leave nothing pending
+                self._retry(self.iterate, stop=stop)
         finally:
             self.checkpoint()
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown()
             log.info("worker stopped at version %d", self.counters.version)
 
     def iterate(self) -> BatchReport | None:
         try:
-            deliveries = self.queue.next_batch(self.settings.batch_size, self.settings.block_ms)
-            report = self.process(deliveries) if deliveries else None
+            fetched, self._ahead = self._ahead or self._fetch(self.settings.block_ms), None
+            report = self.process(fetched) if fetched.deliveries else None
             if report is None:
                 self.monitor.catch_up(self.counters.step, self.counters.version)
             self.heartbeat()
         except REDIS_ERRORS:
+            self._ahead = None  # its entries stay pending and are re-read with the rest
             self.queue.reread_pending()  # what was delivered before the outage comes back first
             raise
         return report
+
+    def _fetch(self, block_ms: int | None) -> Fetched:
+        """Read up to a batch of deliveries and start decoding their clips."""
+        deliveries = self.queue.next_batch(self.settings.batch_size, block_ms)
+        blobs = self.queue.fetch_blobs(deliveries)
+        return Fetched(deliveries, [self.pool.submit(blob) for blob in blobs])
+
+    def _read_ahead(self) -> None:
+        """Fetch the next batch (no blocking) so it decodes while this one is learned."""
+        stop_near = self._stop is not None and self._stop.is_set()
+        last_step = 0 < self.settings.max_steps <= self.counters.step + 1
+        if self.queue.rereading or stop_near or last_step:
+            return
+        fetched = self._fetch(None)
+        self._ahead = fetched if fetched.deliveries else None
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.settings.max_steps <= self.counters.step
 
     # ---- one batch -------------------------------------------------------------------
-    def process(self, deliveries: list[Delivery]) -> BatchReport:
+    def process(self, fetched: Fetched) -> BatchReport:
         """Learn from a batch of deliveries and ack each of them (or dead-letter it)."""
         started = time.perf_counter()
         report = BatchReport()
-        fresh = self._drop_settled(deliveries, report)
-        clips = self._decode_all(fresh, report)
+        fresh = self._drop_settled(fetched, report)
+        clips = self._decoded(fresh, report)
+        self._read_ahead()
         if clips:
             before = (self.counters.version, self.counters.step)
             report.stats = self._learn(clips)
@@ -149,10 +186,16 @@ class Worker:
         self.counters.clips_dead += report.dead
         return report
 
-    def _drop_settled(self, deliveries: list[Delivery], report: BatchReport) -> list[Delivery]:
-        """Dead-letter over-delivered entries; ack duplicates of clips already learned."""
+    def _drop_settled(
+        self, fetched: Fetched, report: BatchReport
+    ) -> list[tuple[Delivery, PendingDecode]]:
+        """Dead-letter over-delivered entries; ack duplicates of clips already learned.
+
+        Checked when the batch is processed, not when it was read: a clip of the batch read
+        ahead may have been learned by the update that just finished."""
         fresh = []
-        for d, state in zip(deliveries, self.queue.clip_state(deliveries), strict=True):
+        states = self.queue.clip_state(fetched.deliveries)
+        for d, pending, state in zip(fetched.deliveries, fetched.decodes, states, strict=True):
             if d.deliveries > self.settings.max_deliveries:
                 self._dead(d, f"delivered {d.deliveries} times without finishing", report)
             elif state in ("learned", "probed", "dead"):
@@ -160,35 +203,22 @@ class Worker:
                 report.duplicates += 1
                 telemetry.CLIPS.labels("duplicate").inc()
             else:
-                fresh.append(d)
+                fresh.append((d, pending))
         return fresh
 
-    def _decode_all(self, deliveries: list[Delivery], report: BatchReport):
+    def _decoded(
+        self, fresh: list[tuple[Delivery, PendingDecode]], report: BatchReport
+    ) -> list[tuple[Delivery, Clip]]:
         """-> [(delivery, Clip)] for the clips that decode; the rest are dead-lettered."""
-        blobs = self.queue.fetch_blobs(deliveries)
-        futures = [
-            (d, self.pool.submit(self._decode, blob))
-            for d, blob in zip(deliveries, blobs, strict=True)
-        ]
         decoded = []
-        for d, future in futures:
-            clip_or_reason = future.result()
-            if isinstance(clip_or_reason, str):
-                self._dead(d, clip_or_reason, report)
-            else:
-                decoded.append((d, clip_or_reason))
+        for d, pending in fresh:
+            result = self.pool.result(pending)
+            if isinstance(result, str):
+                self._dead(d, result, report)
+                continue
+            telemetry.DECODE_SECONDS.observe(result.seconds)
+            decoded.append((d, result.clip()))
         return decoded
-
-    def _decode(self, blob: bytes | None) -> Clip | str:
-        if blob is None:
-            return "clip bytes expired or missing (claim-check blob not found)"
-        started = time.perf_counter()
-        try:
-            clip = decode_clip(blob, self.media_cfg)
-        except MediaError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        telemetry.DECODE_SECONDS.observe(time.perf_counter() - started)
-        return clip
 
     def _learn(self, clips: list[tuple[Delivery, Clip]]) -> StepStats | None:
         train = [c for d, c in clips if d.entry.purpose == "train"]

@@ -31,7 +31,7 @@ class WorkerSettings(BaseSettings):
     block_ms: int = 1000  # XREADGROUP block time when the stream is empty
     claim_min_idle_ms: int = 120_000  # reclaim other consumers' entries idle this long
     max_deliveries: int = 5  # an entry delivered more often goes to the dead-letter stream
-    decode_threads: int = 2
+    decode_processes: int = 2  # clips decode in this many processes, beside the update
     checkpoint_dir: str = "var/checkpoints"
     checkpoint_every: int = 50  # steps between checkpoints (and one at shutdown)
     keep_checkpoints: int = 3

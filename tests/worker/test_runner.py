@@ -39,7 +39,7 @@ def settings(redis_url, prefix, tmp_path) -> WorkerSettings:
         block_ms=50,
         checkpoint_dir=str(tmp_path / "ckpt"),
         checkpoint_every=1000,
-        decode_threads=2,
+        decode_processes=2,
     )
 
 
@@ -175,3 +175,52 @@ def _train_delivery():
     from worker.queue import Delivery
 
     return Delivery("0-1", wire.ClipEntry("f" * 64, 1, "video/mp4"), 1)
+
+
+def test_next_batch_is_read_and_decoded_during_the_update(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    for c in clips[:8]:
+        enqueue(client, keys, c)
+    w = started(settings, client)
+    first = w.iterate()
+    assert first.learned == 4 and w._ahead is not None and len(w._ahead.deliveries) == 4
+    assert w.queue.depths()[1] == 4  # read ahead: delivered to us, not acked yet
+    second = w.iterate()
+    assert second.learned == 4 and w.counters.version == 2
+    assert w.queue.depths() == (0, 0, 0)
+
+
+def test_a_clip_learned_while_its_duplicate_was_read_ahead_is_not_trained_twice(
+    settings, client, clips, prefix
+):
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:4]]
+    entry = wire.ClipEntry(ids[0], len(clips[0]), "video/mp4")
+    client.xadd(keys.stream, entry.to_fields())  # a stray second entry, read ahead
+    w = started(settings, client)
+    assert w.iterate().learned == 4 and len(w._ahead.deliveries) == 1
+    report = w.iterate()
+    assert (report.duplicates, report.learned, w.counters.version) == (1, 0, 1)
+
+
+def test_stop_finishes_the_batch_read_ahead(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:8]]
+    w = started(settings, client)
+    w.iterate()
+    assert w._ahead is not None
+    stop = threading.Event()
+    stop.set()
+    w.run(stop)  # stopped before its first iteration: only the batch in hand is finished
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in ids)
+    assert w.queue.depths() == (0, 0, 0) and w.counters.version == 2
+
+
+def test_no_read_ahead_on_the_last_allowed_step(settings, client, clips, prefix):
+    keys = wire.Keys(prefix)
+    for c in clips[:8]:
+        enqueue(client, keys, c)
+    settings.max_steps = 1
+    w = started(settings, client)
+    w.iterate()
+    assert w._ahead is None and w.queue.depths()[1] == 0
