@@ -55,8 +55,8 @@ def run_demo(cfg: DemoConfig) -> int:
         wait_ready(client, services)
         train, probes = stream_segments(cfg, client)
         answers = client.wait_embedded(train + probes, "learning", cfg.timeout_s)
-        summary = wait_for_monitor(services.redis_url)
-        print_report(cfg, answers, train, summary, services, workdir)
+        summary, model = wait_for_monitor(services.redis_url)
+        print_report(cfg, answers, train, (summary, model), services, workdir)
         return 0
     finally:
         client.close()
@@ -153,24 +153,36 @@ def stream_segments(cfg: DemoConfig, client: ApiClient) -> tuple[list[str], list
     return train, probes
 
 
-def wait_for_monitor(redis_url: str, timeout_s: float = 60.0) -> dict | None:
-    """The worker's drift/forgetting summary once it evaluated the final model."""
+def wait_for_monitor(redis_url: str, timeout_s: float = 60.0) -> tuple[dict | None, dict]:
+    """(the worker's drift/forgetting summary once it evaluated the final model,
+    the model info the worker publishes with its heartbeat)."""
     import redis
 
     from contract import wire
 
-    client = redis.Redis.from_url(redis_url)
+    client, keys = redis.Redis.from_url(redis_url, decode_responses=True), wire.Keys(KEY_PREFIX)
     deadline, summary = time.monotonic() + timeout_s, None
     try:
         while time.monotonic() < deadline:
-            raw = client.get(wire.Keys(KEY_PREFIX).monitor)
+            raw = client.get(keys.monitor)
             summary = json.loads(raw) if raw else None
             if summary and summary["last_evaluation_step"] == summary["step"]:
                 break
             time.sleep(0.3)
+        return summary, client.hgetall(keys.model)
     finally:
         client.close()
-    return summary
+
+
+def _selection_line(model: dict) -> str:
+    if "selection_step" not in model:
+        return f"method {model.get('method', '?')} has no patch selection"
+    if int(model["selection_step"]) >= 0:
+        return f"FLAVA patch selection on since update {model['selection_step']}"
+    return (
+        f"AVM still warming up (matching accuracy EMA {float(model['avm_accuracy_ema']):.2f}"
+        " < threshold): full-token steps so far"
+    )
 
 
 # ---- the report --------------------------------------------------------------------------
@@ -178,12 +190,13 @@ def print_report(
     cfg: DemoConfig,
     answers: dict[str, dict],
     train: list[str],
-    summary: dict | None,
+    monitors: tuple[dict | None, dict],
     services: Services,
     workdir: Path,
 ) -> None:
     from worker.monitoring import format_summary
 
+    summary, model = monitors
     ready = [answers[c] for c in train if answers.get(c, {}).get("status") == "ready"]
     dead = sum(a.get("status") == "dead" for a in answers.values())
     print("\n=== flava-stream demo report ===")
@@ -199,6 +212,7 @@ def print_report(
             f" step {last['step']} dim {last['dim']}"
             f" audio[:4]={[round(x, 4) for x in last['audio'][:4]]}"
         )
+    print(f"selection          : {_selection_line(model)}")
     if summary is None:
         print("monitor            : no summary published (see worker.log)")
     else:

@@ -34,11 +34,13 @@ from worker import telemetry
 from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip
+from worker.core.methods import Flava
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
 from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.queue import ClipQueue, Delivery
 from worker.settings import WorkerSettings
+from worker.warmstart import warm_start
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
@@ -102,6 +104,7 @@ class Worker:
         self._ahead: Fetched | None = None  # the next batch, read during the current update
         self._stop: threading.Event | None = None
         self._last_heartbeat = 0.0
+        self._selection_on = False  # FLAVA: importance selection drove the last step
         self._last_checkpoint_step = 0
         self.monitor = StreamMonitor(
             MonitorConfig.from_settings(settings), self.learner, client, self.queue.keys
@@ -235,6 +238,13 @@ class Worker:
             self.counters.version += 1
             telemetry.STEPS.labels("applied").inc()
         _record_stats(stats, self.counters.version)
+        if stats.selection and not self._selection_on:
+            log.info(
+                "FLAVA selection switched on at step %d (AVM accuracy EMA %.2f)",
+                self.counters.step,
+                getattr(self.learner, "acc_ema", float("nan")),
+            )
+        self._selection_on = stats.selection
         return stats
 
     def _publish(
@@ -320,6 +330,17 @@ class Worker:
             "preset": self.settings.preset,
             "clips_learned": c.clips_learned,
             "updated_at": now,
+            **self._selection_info(),
+        }
+
+    def _selection_info(self) -> dict[str, int | float]:
+        """FLAVA's warm-up: AVM accuracy (EMA) and the update that switched selection on."""
+        if not isinstance(self.learner, Flava):
+            return {}
+        switched = self.learner.selection_step
+        return {
+            "avm_accuracy_ema": round(float(self.learner.acc_ema), 4),
+            "selection_step": -1 if switched is None else int(switched),
         }
 
     def checkpoint(self) -> None:
@@ -338,8 +359,11 @@ class Worker:
         self._last_checkpoint_step = self.counters.step
 
     def restore(self) -> bool:
+        """Resume from the newest checkpoint; else warm-start from ``init_weights`` if set."""
         path = latest_checkpoint(self.settings.checkpoint_dir)
         if path is None:
+            if self.settings.init_weights:
+                warm_start(self.learner, self.settings.init_weights)
             return False
         state = load_checkpoint(path)
         if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):
@@ -387,6 +411,7 @@ def _record_stats(stats: StepStats, version: int) -> None:
     telemetry.TOKENS_KEPT.labels("video").set(values.get("tokens_kept_v", 0))
     telemetry.FRACTION_EXCLUDED.set(values.get("frac_excluded", 0.0))
     telemetry.AVM_ACCURACY.set(values.get("avm_acc", 0.0))
+    telemetry.SELECTION_ACTIVE.set(1 if values.get("selection") else 0)
     telemetry.MEMORY_FILL.set(values.get("memory_fill", 0))
     telemetry.MEMORY_BYTES.set(values.get("memory_bytes", 0))
     telemetry.MODEL_VERSION.set(version)

@@ -24,6 +24,9 @@ TOKENS_KEPT = Gauge("flava_tokens_kept", "Tokens kept per clip by the selection"
 FRACTION_EXCLUDED = Gauge(
     "flava_excluded_ratio", "Fraction of candidate tokens excluded by correlation"
 )
+SELECTION_ACTIVE = Gauge(
+    "flava_selection_active", "1 when FLAVA's importance-based selection drove the last step"
+)
 AVM_ACCURACY = Gauge("flava_avm_accuracy_ratio", "AVM matching accuracy on the last batch")
 MEMORY_FILL = Gauge("flava_replay_memory_clips", "Clips held in the replay memory")
 MEMORY_BYTES = Gauge("flava_replay_memory_bytes", "Bytes held by the replay memory")

@@ -224,3 +224,24 @@ def test_no_read_ahead_on_the_last_allowed_step(settings, client, clips, prefix)
     w = started(settings, client)
     w.iterate()
     assert w._ahead is None and w.queue.depths()[1] == 0
+
+
+def test_cold_start_takes_init_weights_and_reports_selection_warmup(
+    settings, client, prefix, tmp_path
+):
+    from worker.core.learner import LearnerConfig, build_learner
+
+    pretrained = build_learner("flava", preset_cfg(), LearnerConfig(seed=7))
+    torch.save({"learner": pretrained.state_dict()}, tmp_path / "pretrained.pt")
+    settings.init_weights = str(tmp_path / "pretrained.pt")
+    w = started(settings, client)
+    mine, theirs = w.learner.model.state_dict(), pretrained.model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    info = {k.decode(): v.decode() for k, v in client.hgetall(wire.Keys(prefix).model).items()}
+    assert info["selection_step"] == "-1" and float(info["avm_accuracy_ema"]) == 0.5
+
+
+def preset_cfg():
+    from worker.core.model import preset
+
+    return preset("tiny")
