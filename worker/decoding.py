@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class PendingDecode:
     blob: bytes | None
     future: Future
     generation: int
+    submitted: float  # time.monotonic() at submit: the decode deadline counts from here
 
 
 class DecodePool:
@@ -77,9 +79,10 @@ class DecodePool:
     its process again is reported as a reason string, to be dead-lettered.
     """
 
-    def __init__(self, processes: int, cfg: MediaConfig):
+    def __init__(self, processes: int, cfg: MediaConfig, timeout_s: float = 60.0):
         self.processes = max(1, processes)
         self.cfg = cfg
+        self.timeout_s = timeout_s  # a clip still decoding this long after submit is refused
         self.generation = 0
         self._executor = self._start()
 
@@ -94,12 +97,15 @@ class DecodePool:
 
     def submit(self, blob: bytes | None) -> PendingDecode:
         future = self._executor.submit(decode_blob, blob, self.cfg)
-        return PendingDecode(blob, future, self.generation)
+        return PendingDecode(blob, future, self.generation, time.monotonic())
 
     def result(self, pending: PendingDecode) -> Decoded | str:
         """The decoded clip or the reason it cannot be used."""
+        left = pending.submitted + self.timeout_s - time.monotonic()
         try:
-            return pending.future.result()
+            return pending.future.result(timeout=max(left, 0.0))
+        except FutureTimeout:
+            return self._give_up(pending)
         except BrokenProcessPool:
             log.warning("a decode process died; restarting the pool and retrying its clips")
         self._restart(pending.generation)
@@ -108,6 +114,15 @@ class DecodePool:
         except BrokenProcessPool:
             self._restart(self.generation)
             return "the decoder process crashed on this clip (twice)"
+
+    def _give_up(self, pending: PendingDecode) -> str:
+        """A decode past its deadline: stop its processes (a hung FFmpeg cannot be
+        interrupted otherwise) and start fresh ones; the batch's other clips are retried."""
+        log.warning("a decode ran past %.0f s; restarting the decode processes", self.timeout_s)
+        for process in list(getattr(self._executor, "_processes", {}).values()):
+            process.kill()  # ProcessPoolExecutor offers no public way to stop a running task
+        self._restart(pending.generation)
+        return f"decoding took longer than {self.timeout_s:.0f} s"
 
     def _restart(self, broken_generation: int) -> None:
         """Replace the executor once per breakage (many futures report the same one)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -51,7 +52,22 @@ def test_pool_decodes_in_a_one_thread_process(pool, clip_bytes):
 def test_a_dead_decode_process_is_replaced_and_its_clip_retried(pool, clip_bytes):
     pool.result(pool.submit(clip_bytes))
     killer = pool._executor.submit(os._exit, 3)  # what FFmpeg crashing on a clip looks like
-    result = pool.result(PendingDecode(clip_bytes, killer, pool.generation))
+    result = pool.result(PendingDecode(clip_bytes, killer, pool.generation, time.monotonic()))
     assert pool.generation == 1
     assert torch.equal(result.clip().fbank, decode_clip(clip_bytes, CFG).fbank)
     assert pool.result(pool.submit(None)) == MISSING_BLOB  # the new pool keeps working
+
+
+def test_a_decode_past_its_deadline_is_refused_and_the_pool_recovers(clip_bytes):
+    pool = DecodePool(1, CFG, timeout_s=1.0)
+    try:
+        hung = pool._executor.submit(time.sleep, 30)  # what a hung FFmpeg looks like
+        started = time.monotonic()
+        reason = pool.result(PendingDecode(clip_bytes, hung, pool.generation, started))
+        assert reason == "decoding took longer than 1 s"
+        assert time.monotonic() - started < 10
+        assert torch.equal(
+            pool.result(pool.submit(clip_bytes)).clip().fbank, decode_clip(clip_bytes, CFG).fbank
+        )
+    finally:
+        pool.shutdown()
