@@ -212,6 +212,15 @@ def test_pre_update_embeddings_match_embed_before_the_step(cfg: ModelConfig) -> 
     assert not torch.allclose(learner.embed(batch)[0], want_a)  # the update changed them
 
 
+def test_pre_update_embeddings_off_skip_the_pass_and_train_the_same(cfg: ModelConfig) -> None:
+    on, off = learner_for("flava", cfg), learner_for("flava", cfg, pre_update_embeddings=False)
+    batch = make_batch(cfg)
+    on.step(batch)
+    off.step(batch)
+    assert on.pre_update is not None and off.pre_update is None
+    assert not changed(snapshot(on.model), off.model)  # the same update either way
+
+
 def test_flava_checkpoint_resumes_exactly(cfg: ModelConfig) -> None:
     first = learner_for("flava", cfg, seed=1, warmup_acc=0.6)
     for seed in range(2):
