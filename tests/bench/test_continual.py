@@ -12,6 +12,7 @@ import torch
 
 from bench.continual import (
     MULTITASK,
+    EfficiencyConfig,
     PretrainConfig,
     SyntheticConfig,
     TrainConfig,
@@ -107,7 +108,9 @@ def _tiny_config(tmp_path):
         ),
         train=TrainConfig(steps_per_task=2, batch=4, memory_size=6, eval_chunk=6),
         pretrain=PretrainConfig(steps=2, avm_steps=2, batch=4),
+        efficiency=EfficiencyConfig(warmup_steps=2, timed_steps=2),
         workers=2,
+        build_workers=1,
         out_dir=tmp_path / "out",
         cache_dir=tmp_path / "cache",
     )
@@ -147,6 +150,12 @@ def test_quick_run_writes_a_consistent_report(tmp_path):
     flava_tasks = seq["methods"]["flava"]["tasks"]["0"]
     assert [t["steps"] for t in flava_tasks] == [2, 2]
     assert seq["methods"]["flava"]["avm_probes"]["0"][0][0]["match_acc"] is not None
+
+    eff = {e["method"]: e for e in json.loads((out / "results.json").read_text())["efficiency"]}
+    assert set(eff) == {"finetune", "flava"}  # multitask steps are finetune steps
+    assert eff["flava"]["tokens_kept_v"] < eff["finetune"]["tokens_kept_v"]  # selection
+    assert eff["flava"]["replay_memory_mb"] > 0 == eff["finetune"]["replay_memory_mb"]
+    assert all(e["peak_rss_mb"] >= e["steady_rss_mb"] > 0 for e in eff.values())
 
     table = (out / "table.md").read_text()
     for method in ("finetune", "flava", MULTITASK, "start (pretrained)"):
