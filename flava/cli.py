@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API (settings from FLAVA_* env)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers); /metrics then shows one process's counters",
+    )
     serve.set_defaults(run=_serve)
 
     worker = sub.add_parser("worker", help="run the online learner (settings from FLAVA_* env)")
@@ -81,7 +87,11 @@ def _serve(args) -> int:
 
     from service.app import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+    options = {"host": args.host, "port": args.port, "log_level": args.log_level.lower()}
+    if args.workers > 1:  # uvicorn starts each process from an import string
+        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(), **options)
     return 0
 
 
