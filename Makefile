@@ -34,3 +34,10 @@ clean:
 CONTINUAL_MODE ?= full
 bench-continual: $(STAMP)
 	$(PY) -m bench.continual --mode $(CONTINUAL_MODE)
+
+# Performance side by side (bench/perf.py): decode vs ffmpeg, flava/er/finetune steps, service
+# vs learner throughput, ingest vs raw Redis, embed reads -> bench/results/perf.{md,json,png}.
+# PERF_ARGS=--quick for the two-minute version; bench/gpu.sh is the GPU part (needs a GPU).
+PERF_ARGS ?=
+bench-perf: $(STAMP)
+	$(PY) -m bench.perf $(PERF_ARGS)
