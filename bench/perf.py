@@ -281,17 +281,56 @@ def step_flops_child(preset_name: str, batch: int) -> dict[str, float]:
     return out
 
 
+# the stages of Flava.step (worker/core/methods.py) and what they call, for the profile
+FLAVA_STAGES = (
+    "alignment_pass",
+    "forward_modality",
+    "forward_code",
+    "clip_scores",
+    "match",
+    "backward_early",
+    "select_current",
+    "plan",
+    "mae_loss",
+    "_apply",
+    "remember",
+)
+
+
+def step_profile_child(preset_name: str, batch: int, warmup: int, reps: int) -> dict:
+    """cProfile of ``reps`` FLAVA steps: seconds per step in each of FLAVA_STAGES (inclusive;
+    forward_modality counts both the no-grad all-token call and the masked one)."""
+    import cProfile
+    import pstats
+
+    learner = make_learner("flava", preset_name, 4 * batch)
+    batches = random_batches(preset_name, batch, 2)
+    for i in range(warmup):
+        learner.step(batches[i % 2])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(reps):
+        learner.step(batches[i % 2])
+    profiler.disable()
+    rows = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    out = {"step": 0.0, **dict.fromkeys(FLAVA_STAGES, 0.0)}
+    for (path, _, name), (_, _, _, cumulative, _) in rows.items():
+        if name in out and ("worker/core" in path or name == "step"):
+            key = "step" if name == "step" and "methods.py" in path else name
+            out[key] = max(out[key], cumulative / reps)
+    return out
+
+
 def step_memory_child(method: str, preset_name: str, batch: int, warmup: int) -> dict:
     """Peak memory of one steady-state step of ``method`` (its own fresh process)."""
     import torch
 
     learner = make_learner(method, preset_name, 4 * batch)
     batches = random_batches(preset_name, batch, 2)
-    for i in range(warmup):
-        learner.step(batches[i % 2])
     reset_peak_rss()
     rss_before = rss_bytes()
-    learner.step(batches[0])
+    for i in range(warmup + 1):
+        learner.step(batches[i % 2])
     rss_delta = peak_rss_bytes() - rss_before
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(
@@ -320,11 +359,16 @@ def bench_step(cfg: PerfConfig) -> list[Comparison]:
     flops = {cfg.step_preset: in_fresh_process(step_flops_child, cfg.step_preset, cfg.step_batch)}
     if cfg.flops_base:
         flops["base (batch 2)"] = in_fresh_process(step_flops_child, "base", 2)
-    times = in_fresh_process(
-        step_time_child, cfg.step_preset, cfg.step_batch, cfg.step_warmup, cfg.step_reps
-    )
+    args = (cfg.step_preset, cfg.step_batch, cfg.step_warmup, cfg.step_reps)
+    times = in_fresh_process(step_time_child, *args)
+    stages = in_fresh_process(step_profile_child, *args)
     setup = f"preset {cfg.step_preset}, batch {cfg.step_batch} (+{cfg.step_batch} replayed)"
-    return [_step_time(times, flops, setup), _step_memory(memory, setup)]
+    step_time = _step_time(times, flops, setup)
+    total = stages.pop("step") or 1.0
+    step_time.extra["cProfile of flava's step (share of the step, inclusive)"] = {
+        name: f"{100 * seconds / total:.0f}%" for name, seconds in stages.items()
+    }
+    return [step_time, _step_memory(memory, setup)]
 
 
 def _step_time(times: dict, flops: dict, setup: str) -> Comparison:
@@ -371,7 +415,9 @@ def _step_memory(memory: dict, setup: str) -> Comparison:
         at_peak = memory[m]["at_peak"]
         parts = {k: round(v / 2**20, 2) for k, v in at_peak.items() if v and k != "input"}
         c.extra[f"{m}: MiB by kind at the peak"] = parts
-        c.extra[f"{m}: peak RSS growth during a step"] = f"{memory[m]['rss_delta'] / 2**20:.1f} MiB"
+        c.extra[f"{m}: peak RSS growth over its first steps"] = (
+            f"{memory[m]['rss_delta'] / 2**20:.1f} MiB"
+        )
     c.notes += _memory_notes()
     return c
 
@@ -382,8 +428,9 @@ def _memory_notes() -> list[str]:
         "torch.profiler's memory timeline (profile_memory, CPU): parameters, optimizer state, "
         "gradients, activations, temporaries; the replay store and the batch (inputs that "
         "existed before the step) are left out, as the paper keeps the memory on the CPU. "
-        "Each method runs in its own process; the RSS growth (VmHWM after a reset, minus "
-        "VmRSS before the step) is a second, allocator-dependent view.",
+        "Each method runs in its own process; the peak RSS growth over its first steps "
+        "(VmHWM minus VmRSS before the first step) is a second view, which also counts the "
+        "optimizer state, the replay store filling (4 x batch clips) and the allocator's cache.",
         "FLAVA's encoder sees floor(0.2 L) tokens, as ER's does; its saving is in the decoder "
         "(half the tokens) and the reconstruction targets. At the tiny preset the encoder "
         "holds most activations and the weights + Adam state are a third of the peak, so the "
