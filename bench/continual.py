@@ -742,7 +742,7 @@ def full_config(**overrides: Any) -> BenchConfig:
         mode="full",
         # AV-Digits is not learnt by `tiny` at this budget (every method at chance, the
         # contrastive loss at ln(batch) throughout; see results/continual/findings.md), so
-        # its seeds 1 and 2 would only add noise and 40 minutes: one seed
+        # its seeds 1 and 2 would only add noise and ~30 minutes: one seed
         seeds_by_sequence={"avdigits": (0,)},
     )
     return dataclasses.replace(cfg, **overrides)
@@ -868,8 +868,12 @@ def _reusable(cfg: BenchConfig, job: Job) -> dict[str, Any] | None:
     return result if result["job"] == json.loads(json.dumps(dataclasses.asdict(job))) else None
 
 
-def run_jobs(cfg: BenchConfig, jobs: list[Job], pool: cf.Executor) -> list[dict[str, Any]]:
-    """Run (or reuse) every job; each result is written to out_dir/runs as it finishes."""
+def run_jobs(
+    cfg: BenchConfig, jobs: list[Job], pool: cf.Executor
+) -> tuple[list[dict[str, Any]], int]:
+    """Run (or reuse) every job; each result is written to out_dir/runs as it finishes.
+
+    Returns the results and how many of them were reused."""
     results = [r for j in jobs if (r := _reusable(cfg, j)) is not None]
     todo = [j for j in jobs if _reusable(cfg, j) is None]
     logger.info("%d runs to do, %d reused", len(todo), len(results))
@@ -887,7 +891,7 @@ def run_jobs(cfg: BenchConfig, jobs: list[Job], pool: cf.Executor) -> list[dict[
             eff["clips_per_second"],
         )
         results.append(result)
-    return results
+    return results, len(jobs) - len(todo)
 
 
 def _spawn_pool(workers: int, log_level: int) -> cf.ProcessPoolExecutor:
@@ -912,7 +916,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     with _spawn_pool(cfg.workers, logging.getLogger().getEffectiveLevel()) as pool:
         prepared, skipped = prepare(cfg, pool)
         prep_s = time.perf_counter() - start
-        results = run_jobs(cfg, make_jobs(cfg, prepared, methods), pool)
+        results, reused = run_jobs(cfg, make_jobs(cfg, prepared, methods), pool)
         runs_s = time.perf_counter() - start - prep_s
         efficiency = run_efficiency(cfg, prepared, methods, pool)
     report = aggregate(cfg, prepared, results)
@@ -924,6 +928,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - start,
         "prepare_seconds": prep_s,
         "runs_seconds": runs_s,
+        "runs_reused": reused,
+        "runs_total": len(results),
         "loadavg_start": load_start,
         "loadavg_end": _loadavg(),
         "cpus": multiprocessing.cpu_count(),
@@ -1166,7 +1172,14 @@ def table_markdown(report: dict[str, Any]) -> str:
     out = [
         f"# Continual benchmark ({meta['mode']} mode)",
         "",
-        f"Wall time {meta['wall_seconds'] / 60:.1f} min on {meta['cpus']} CPUs (load average "
+        f"Wall time {meta['wall_seconds'] / 60:.1f} min on {meta['cpus']} CPUs"
+        + (
+            f" for this invocation, which reused {meta['runs_reused']} of the "
+            f"{meta['runs_total']} runs from earlier ones (their time is not included)"
+            if meta.get("runs_reused")
+            else ""
+        )
+        + f" (load average "
         f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end; other work shared "
         f"the machine), torch {meta['torch']}. Preset `{cfg['train']['preset']}`, batch "
         f"{cfg['train']['batch']} (+ as many replayed), {cfg['train']['steps_per_task']} "
