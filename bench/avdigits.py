@@ -19,6 +19,7 @@ unseen speed/pitch/noise renditions of the task languages' recordings.
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import math
 from dataclasses import dataclass, field
@@ -200,11 +201,8 @@ class ImageAugment:
     noise_std: float = 8.0  # pixel noise (0-255 scale)
 
 
-def _affine_grid(
-    rng: np.random.Generator, aug: ImageAugment, frames: int, size: int
-) -> tuple[Tensor, float]:
-    """(frames, size, size, 2) sampling grid of the 8 x 8 image for a moving, rotated digit,
-    and the digit's side as a fraction of the frame."""
+def _affine_grid(rng: np.random.Generator, aug: ImageAugment, frames: int, size: int) -> Tensor:
+    """(frames, size, size, 2) sampling grid of the 8 x 8 image for a moving, rotated digit."""
     side = rng.uniform(*aug.side)
     angle = math.radians(rng.uniform(-aug.rotation_deg, aug.rotation_deg))
     room = 1.0 - side  # centre range in [-room, room] (normalised coords)
@@ -217,8 +215,7 @@ def _affine_grid(
         cx, cy = start + (end - start) * t
         # output coords (x, y) -> image coords: R/side applied to (x - c)
         theta.append([[cos, -sin, -(cos * cx - sin * cy)], [sin, cos, -(sin * cx + cos * cy)]])
-    grid = F.affine_grid(torch.tensor(theta, dtype=torch.float32), [frames, 1, size, size], False)
-    return grid, side
+    return F.affine_grid(torch.tensor(theta, dtype=torch.float32), [frames, 1, size, size], False)
 
 
 def render_digit(
@@ -226,7 +223,7 @@ def render_digit(
 ) -> tuple[Tensor, Tensor]:
     """Frames (T, 3, S, S) uint8 of the digit moving over a background, and its ink alpha
     (T, S, S) float in [0, 1]."""
-    grid, _ = _affine_grid(rng, aug, frames, size)
+    grid = _affine_grid(rng, aug, frames, size)
     src = torch.from_numpy(image)[None, None].expand(frames, 1, 8, 8)
     alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     alpha = alpha.clamp(0, 1)  # (T, 1, S, S)
@@ -240,8 +237,6 @@ def render_digit(
 
 
 def _hsv(h: float, s: float, v: float) -> list[float]:
-    import colorsys
-
     return list(colorsys.hsv_to_rgb(h, s, v))
 
 
