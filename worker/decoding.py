@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -43,9 +44,13 @@ class Decoded:
         return Clip(torch.from_numpy(self.fbank), torch.from_numpy(self.frames), self.duration_s)
 
 
-def init_decode_process() -> None:
-    """Initializer of every decode process: torch on one thread (see the module docstring)."""
+def init_decode_process(nice: int = 0) -> None:
+    """Initializer of every decode process: torch on one thread (see the module docstring),
+    and ``nice`` added to its scheduling niceness, so that decoding the next batch takes the
+    cores the update leaves idle rather than slowing the update down."""
     torch.set_num_threads(1)
+    if nice:
+        os.nice(nice)
 
 
 def decode_blob(blob: bytes | None, cfg: MediaConfig) -> Decoded | str:
@@ -79,10 +84,11 @@ class DecodePool:
     its process again is reported as a reason string, to be dead-lettered.
     """
 
-    def __init__(self, processes: int, cfg: MediaConfig, timeout_s: float = 60.0):
+    def __init__(self, processes: int, cfg: MediaConfig, timeout_s: float = 60.0, nice: int = 0):
         self.processes = max(1, processes)
         self.cfg = cfg
         self.timeout_s = timeout_s  # a clip still decoding this long after submit is refused
+        self.nice = nice  # added to the decode processes' niceness
         self.generation = 0
         self._executor = self._start()
 
@@ -92,7 +98,10 @@ class DecodePool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         return ProcessPoolExecutor(
-            self.processes, mp_context=context, initializer=init_decode_process
+            self.processes,
+            mp_context=context,
+            initializer=init_decode_process,
+            initargs=(self.nice,),
         )
 
     def submit(self, blob: bytes | None) -> PendingDecode:

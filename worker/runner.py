@@ -100,7 +100,12 @@ class Worker:
             device=str(pick_device(settings.device)),
         )
         self.counters = Counters()
-        self.pool = DecodePool(settings.decode_processes, self.media_cfg, settings.decode_timeout_s)
+        self.pool = DecodePool(
+            settings.decode_processes,
+            self.media_cfg,
+            settings.decode_timeout_s,
+            settings.decode_nice,
+        )
         self._ahead: Fetched | None = None  # the next batch, read during the current update
         self._stop: threading.Event | None = None
         self._last_heartbeat = 0.0

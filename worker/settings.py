@@ -33,6 +33,7 @@ class WorkerSettings(BaseSettings):
     max_deliveries: int = 5  # an entry delivered more often goes to the dead-letter stream
     decode_processes: int = 2  # clips decode in this many processes, beside the update
     decode_timeout_s: float = 60.0  # a clip still decoding this long is dead-lettered
+    decode_nice: int = 10  # decode processes yield the cores to the update (0: same priority)
     checkpoint_dir: str = "var/checkpoints"
     checkpoint_every: int = 50  # steps between checkpoints (and one at shutdown)
     keep_checkpoints: int = 3

@@ -71,3 +71,12 @@ def test_a_decode_past_its_deadline_is_refused_and_the_pool_recovers(clip_bytes)
         )
     finally:
         pool.shutdown()
+
+
+def test_decode_processes_run_at_a_lower_priority():
+    pool = DecodePool(1, CFG, nice=5)
+    try:
+        child = pool._executor.submit(os.nice, 0).result()  # os.nice(0) reads the niceness
+        assert child == os.nice(0) + 5
+    finally:
+        pool.shutdown()
