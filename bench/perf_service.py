@@ -39,7 +39,7 @@ MAX_BACKLOG = 1_000_000
 
 @dataclass
 class ServiceConfig:
-    clips: int = 96  # clips measured through the service (after the warm-up clips)
+    clips: int = 160  # clips measured through the service (after the warm-up clips)
     warmup_clips: int = 8  # learned before the measurement starts (first-step costs)
     batch_size: int = 8
     method: str = "flava"
@@ -47,7 +47,7 @@ class ServiceConfig:
     post_concurrency: int = 4  # senders while measuring service throughput
     concurrency: int = 8  # ingest and embed clients
     ingest_requests: int = 64  # per round and side
-    ingest_rounds: int = 5  # alternating API / raw Redis rounds per side
+    ingest_rounds: int = 7  # alternating API / raw Redis rounds per side
     payload_bytes: int = 1 << 20
     real_payload: bool = True  # a real ~1 MB clip, else the small decode clip padded to size
     embed_requests: int = 400  # per round and side
