@@ -180,10 +180,22 @@ def stack(redis_url, prefix, tmp_path):
         wait_http(f"{api_url}/healthz", procs[0])
         wait_http(f"http://127.0.0.1:{worker_port}/metrics", procs[1])
         wait_http(f"{prom_url}/-/ready", procs[2])
+        wait_scraped(prom_url)
         yield api_url, prom_url
     finally:
         for proc in procs:
             terminate(proc, timeout=30)
+
+
+def wait_scraped(prom_url: str, timeout_s: float = 60.0) -> None:
+    """Until Prometheus has scraped both targets once: rates need samples from before the
+    stream (on a loaded machine the first scrape can come after the last ingest)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if has_finite_data(prom_url, "count(up == 1) >= 2"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("Prometheus did not scrape the API and the worker")
 
 
 def run_drifting_stream(api_url: str) -> None:
