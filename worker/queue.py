@@ -142,9 +142,21 @@ class ClipQueue:
 
     def finish(self, delivery: Delivery, embedding: wire.Embedding | None, state: str) -> bool:
         """Write the embedding (if any) and the clip's state, then ack; True if acked now."""
+        return self.finish_many([(delivery, embedding, state)])[0]
+
+    def finish_many(self, items: list[tuple[Delivery, wire.Embedding | None, str]]) -> list[bool]:
+        """``finish`` for a batch in one round trip; each script stays atomic on its own, and
+        a retry after an outage is harmless (a second ack of an entry is a no-op)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for delivery, embedding, state in items:
+            self._finish_one(pipe, delivery, embedding, state)
+        return [bool(acked) for acked in pipe.execute()]
+
+    def _finish_one(self, pipe, delivery: Delivery, embedding, state: str) -> None:
         fields = wire.flatten(embedding.to_fields()) if embedding else []
         cid = delivery.entry.clip_id
-        acked = self._finish(
+        self._finish(
+            client=pipe,
             keys=[
                 self.keys.stream,
                 self.keys.clip(cid),
@@ -154,7 +166,6 @@ class ClipQueue:
             ],
             args=[wire.GROUP, delivery.entry_id, state, delivery.deliveries, *fields],
         )
-        return bool(acked)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Move an entry to the dead-letter stream with its reason, then ack it."""

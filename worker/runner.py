@@ -260,7 +260,7 @@ class Worker:
         Returns the embeddings (a (B, D), v (B, D)) for the monitors."""
         emb_a, emb_v, (version, step) = self._embed(clips, before)
         finite = torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)
-        now = time.time()
+        now, done = time.time(), []
         for i, (d, _) in enumerate(clips):
             if not finite[i]:
                 self._dead(
@@ -275,8 +275,10 @@ class Worker:
                 method=self.settings.method,
                 written_at=now,
             )
-            state = "learned" if d.entry.purpose == "train" else "probed"
-            self._retry(self.queue.finish, d, emb, state)
+            done.append((d, emb, "learned" if d.entry.purpose == "train" else "probed"))
+        if done:
+            self._retry(self.queue.finish_many, done)  # one round trip for the batch
+        for _, _, state in done:
             self._count(state, report)
         return emb_a, emb_v
 

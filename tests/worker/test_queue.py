@@ -81,3 +81,16 @@ def test_heartbeat_publishes_model_and_liveness(client, prefix):
     q.heartbeat({"version": 12, "step": 13})
     assert q.published_version() == 12
     assert client.zscore(keys.workers, "c9") > 0
+
+
+def test_finish_many_acks_a_batch_in_one_round_trip(client, prefix):
+    keys = wire.Keys(prefix)
+    q = ClipQueue(client, keys, "c1", min_idle_ms=60_000)
+    q.ensure_group()
+    ids = [enqueue(client, keys, f"clip-{i}".encode()) for i in range(3)]
+    batch = q.next_batch(10, 10)
+    emb = wire.Embedding([1.0], [2.0], 4, 4, "flava", 0.0)
+    assert q.finish_many([(d, emb, "learned") for d in batch]) == [True, True, True]
+    assert q.finish_many([(batch[0], emb, "learned")]) == [False]  # already acked
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in ids)
+    assert q.depths() == (0, 0, 0)

@@ -142,34 +142,34 @@ def _embeddings(out: MAEOutput, batch: int) -> dict[str, Tensor]:
 class ExperienceReplay(ReplayLearner):
     """ER: one masked-autoencoder batch of current + replayed whole clips."""
 
+    distill = False  # DER++: also der_alpha * MSE on the replayed clips' stored embeddings
+
     def step(self, batch: Batch) -> StepStats:
         start = time.perf_counter()
         batch = batch.to(self.device)
         replay = self.sample_replay(len(batch))
         out = self.mae_step(*_joined(batch, replay))
-        skipped, norm = self._apply(out.loss)
-        self.remember({"fbank": batch.fbank, "frames": batch.frames}, skipped)
+        der = out.loss.new_zeros(())
+        if self.distill and replay is not None:
+            der = der_term(out, replay, len(batch))
+        total = out.loss + self.cfg.der_alpha * der
+        skipped, norm = self._apply(total)
+        items = {"fbank": batch.fbank, "frames": batch.frames}
+        if self.distill:
+            items |= _embeddings(out, len(batch))
+        self.remember(items, skipped)
         stats = self.replay_stats(self.mae_stats(out, start, skipped, norm), len(batch), replay)
-        return dataclasses.replace(stats, step_seconds=time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return dataclasses.replace(
+            stats, loss=total.item(), loss_der=der.item(), step_seconds=elapsed
+        )
 
 
 @register("derpp")
-class DERPlusPlus(ReplayLearner):
+class DERPlusPlus(ExperienceReplay):
     """DER++: ER plus der_alpha * MSE on the replayed clips' stored pooled embeddings."""
 
-    def step(self, batch: Batch) -> StepStats:
-        start = time.perf_counter()
-        batch = batch.to(self.device)
-        replay = self.sample_replay(len(batch))
-        out = self.mae_step(*_joined(batch, replay))
-        der = der_term(out, replay, len(batch)) if replay is not None else out.loss.new_zeros(())
-        skipped, norm = self._apply(out.loss + self.cfg.der_alpha * der)
-        items = {"fbank": batch.fbank, "frames": batch.frames, **_embeddings(out, len(batch))}
-        self.remember(items, skipped)
-        stats = self.replay_stats(self.mae_stats(out, start, skipped, norm), len(batch), replay)
-        loss, der_value = (out.loss + self.cfg.der_alpha * der).item(), der.item()
-        elapsed = time.perf_counter() - start
-        return dataclasses.replace(stats, loss=loss, loss_der=der_value, step_seconds=elapsed)
+    distill = True
 
 
 def beta_sample(alpha: float, generator: torch.Generator) -> float:
