@@ -41,3 +41,23 @@ def prefix(redis_url):
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def worker_settings(redis_url, prefix, tmp_path):
+    """Worker settings for tests on the shared Redis: ``worker_settings(**overrides)``."""
+    from worker.settings import WorkerSettings
+
+    def make(**overrides) -> WorkerSettings:
+        fields = dict(
+            redis_url=redis_url,
+            key_prefix=prefix,
+            consumer="w1",
+            batch_size=4,
+            block_ms=50,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            checkpoint_every=1000,
+        )
+        return WorkerSettings(**(fields | overrides))
+
+    return make

@@ -14,23 +14,14 @@ from service.app import create_app
 from service.settings import ApiSettings
 from worker.core.synthetic import StreamConfig, drifting_stream
 from worker.runner import Worker
-from worker.settings import WorkerSettings
 
 
 @pytest.fixture
-def stack(redis_url, prefix, tmp_path):
+def stack(redis_url, prefix, worker_settings):
     api_settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, api_token="t")
-    worker_settings = WorkerSettings(
-        redis_url=redis_url,
-        key_prefix=prefix,
-        consumer="e2e",
-        batch_size=4,
-        block_ms=50,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        heartbeat_s=0.2,
-    )
+    settings = worker_settings(consumer="e2e", heartbeat_s=0.2)
     client = redis.Redis.from_url(redis_url)
-    worker, stop = Worker(worker_settings, client), threading.Event()
+    worker, stop = Worker(settings, client), threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     with TestClient(create_app(api_settings), headers={"Authorization": "Bearer t"}) as api:
         thread.start()

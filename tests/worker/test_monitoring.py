@@ -20,7 +20,6 @@ from worker.core.monitors import DriftConfig
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
 from worker.monitoring import MonitorConfig, StreamMonitor, format_summary
 from worker.runner import Worker
-from worker.settings import WorkerSettings
 
 STREAM = StreamConfig(num_segments=2)
 
@@ -203,15 +202,10 @@ def test_summary_is_published_to_redis(learner, media, redis_url, prefix):
 # ---- wired into the worker -----------------------------------------------------------------
 
 
-def test_worker_feeds_the_monitor_and_publishes_its_summary(media, redis_url, prefix, tmp_path):
-    settings = WorkerSettings(
-        redis_url=redis_url,
-        key_prefix=prefix,
-        consumer="w1",
-        batch_size=4,
-        block_ms=50,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        checkpoint_every=1000,
+def test_worker_feeds_the_monitor_and_publishes_its_summary(
+    media, redis_url, prefix, worker_settings
+):
+    settings = worker_settings(
         monitor_window=4,
         monitor_every=1,
     )

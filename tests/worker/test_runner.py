@@ -30,17 +30,8 @@ def client(redis_url):
 
 
 @pytest.fixture
-def settings(redis_url, prefix, tmp_path) -> WorkerSettings:
-    return WorkerSettings(
-        redis_url=redis_url,
-        key_prefix=prefix,
-        consumer="w1",
-        batch_size=4,
-        block_ms=50,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        checkpoint_every=1000,
-        decode_processes=2,
-    )
+def settings(worker_settings) -> WorkerSettings:
+    return worker_settings(decode_processes=2)
 
 
 def started(settings, client) -> Worker:
