@@ -2,15 +2,20 @@
 
 ``decode_clip(bytes) -> Clip`` gives the CAV-MAE inputs (DESIGN.md section 2):
 
-- audio: the first (audio_frames - 1) x 10 ms + 25 ms of the audio, resampled to mono
-  ``sample_rate``, waveform mean removed, Kaldi log-mel fbank, then padded (with zeros, as
-  CAV-MAE pads the raw fbank) or cut to ``audio_frames`` frames and normalised
-  (x - fbank_mean) / fbank_std;
-- video: ``num_frames`` frames at the centres of equal slices of a ``video_window_s`` window
-  (centred in the clip at eval, a random start drawn from ``generator`` in training; a shorter
-  clip uses all of itself). Each target takes the decoded frame nearest in time. Frames are
-  resized so the shorter side is ``frame_size`` (bicubic), centre-cropped to a square (as
-  CAV-MAE's Resize + CenterCrop) and normalised with ImageNet mean/std.
+Audio and video of one example come from the **same time span** (the aligned window,
+``example_window``; docs/media.md states it per preset):
+
+- the span lasts ``audio_s = audio_frames x 10 ms`` (tiny 2.56 s, small 5.12 s, base 10.24 s),
+  starts at ``start_s`` (centred in the clip at eval, a random start drawn from ``generator`` in
+  training) and is the whole clip when the clip is shorter;
+- audio: the span's samples, resampled to mono ``sample_rate``, waveform mean removed, Kaldi
+  log-mel fbank, then padded (with zeros, as CAV-MAE pads the raw fbank) or cut to
+  ``audio_frames`` frames and normalised (x - fbank_mean) / fbank_std;
+- video: ``num_frames`` frames at the centres of equal slices of a video window of
+  ``min(video_window_s, span)`` inside the span (centred at eval, anywhere in the span in
+  training). Each target takes the decoded frame nearest in time. Frames are resized so the
+  shorter side is ``frame_size`` (bicubic), centre-cropped to a square (as CAV-MAE's Resize +
+  CenterCrop) and normalised with ImageNet mean/std.
 
 Time is measured from the container's start time. Decoding seeks to the keyframe before the first
 target and stops after the last one; audio stops after the samples it needs.
@@ -43,6 +48,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _OPEN_OPTIONS = {"protocol_whitelist": "none"}
 _THREADED_PIXELS = 640 * 480  # decode larger frames with FFmpeg's threads
 _RESAMPLE_CHUNK = 8192  # samples per resampled frame (0.5 s at 16 kHz)
+FBANK_SHIFT_S = 0.010  # one fbank frame per 10 ms: audio_frames x this = the example's span
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,13 @@ def _decode(data: bytes, cfg: MediaConfig, train: bool, generator: torch.Generat
         audio, video = _audio_stream(container), _video_stream(container)
         duration = _duration_s(container)
         _check_limits(video, duration, cfg)
-        waveform = _decode_waveform(container, audio, cfg)
-    duration = duration if duration is not None else waveform.size / cfg.sample_rate
-    times = frame_times(duration, cfg, train=train, generator=generator)
-    frames = _decode_frames(data, times, cfg.frame_size)
+        # a header without a duration: the span starts at 0 and the audio tells the length
+        start = 0.0 if duration is None else _span_start(duration, cfg, train, generator)
+        waveform = _decode_waveform(container, audio, cfg, start)
+    if duration is None:
+        duration = start + waveform.size / cfg.sample_rate
+    window = _window_at(start, duration, cfg, train, generator)
+    frames = _decode_frames(data, list(window.frame_times), cfg.frame_size)
     fbank = audio_features(torch.from_numpy(waveform), cfg)
     return Clip(fbank=fbank, frames=frames, duration_s=duration)
 
@@ -173,23 +182,27 @@ def _check_limits(video: av.VideoStream, duration: float | None, cfg: MediaConfi
 
 
 def _decode_waveform(
-    container: av.container.InputContainer, stream: av.AudioStream, cfg: MediaConfig
+    container: av.container.InputContainer,
+    stream: av.AudioStream,
+    cfg: MediaConfig,
+    start_s: float = 0.0,
 ) -> np.ndarray:
-    """Mono float32 waveform at cfg.sample_rate, (n,), aligned to the container start.
+    """Mono float32 waveform at cfg.sample_rate from ``start_s`` on (s from the container start).
 
     n = the samples the fbank needs, or fewer when the audio ends first.
     """
     needed = num_samples_for_frames(cfg.audio_frames, cfg.sample_rate)
-    samples, first_time = _resample_mono(container.decode(stream), cfg.sample_rate, needed)
+    skip = round(start_s * cfg.sample_rate)
+    samples, first_time = _resample_mono(container.decode(stream), cfg.sample_rate, skip + needed)
     if samples.size == 0:
         raise UndecodableMedia("the audio stream decoded to no samples")
     origin = _origin_s(container)
     lead = round(((first_time if first_time is not None else origin) - origin) * cfg.sample_rate)
-    lead = min(lead, needed)  # audio that starts after the fbank window is all silence
+    lead = min(lead, skip + needed)  # audio that starts after the window is all silence
     samples = np.pad(samples, (lead, 0)) if lead > 0 else samples[-lead:]
     end = _stream_end_s(stream, origin)
     length = samples.size if end is None else round(end * cfg.sample_rate)
-    return _fit(samples, min(needed, length))
+    return _fit(samples[skip:], max(0, min(needed, length - skip)))
 
 
 def _resample_mono(
@@ -249,6 +262,60 @@ def audio_features(waveform: Tensor, cfg: MediaConfig) -> Tensor:
 # ---------------------------------------------------------------------------------------- video
 
 
+@dataclass(frozen=True)
+class ExampleWindow:
+    """The time span of one example: its audio and its video frames come from it."""
+
+    start_s: float  # where the audio starts, seconds from the clip start
+    audio_s: float  # audio_frames x 10 ms (the fbank's span; shorter clips are zero-padded)
+    frame_times: tuple[float, ...]  # video frame times, s from the clip start, inside the span
+
+
+def example_window(
+    duration_s: float,
+    cfg: MediaConfig,
+    *,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+) -> ExampleWindow:
+    """The aligned span of a clip ``duration_s`` long (see the module docstring).
+
+    Eval: the span is centred in the clip and the video window in the span. Training draws
+    both positions from ``generator`` (span start first, then the video window's).
+    """
+    start = _span_start(duration_s, cfg, train, generator)
+    return _window_at(start, duration_s, cfg, train, generator)
+
+
+def _span_start(
+    duration_s: float, cfg: MediaConfig, train: bool, generator: torch.Generator | None
+) -> float:
+    slack = max(0.0, duration_s - cfg.audio_frames * FBANK_SHIFT_S)
+    return slack * _position(train, generator)
+
+
+def _window_at(
+    start_s: float,
+    duration_s: float,
+    cfg: MediaConfig,
+    train: bool,
+    generator: torch.Generator | None,
+) -> ExampleWindow:
+    """The span starting at ``start_s``, with its video window placed inside it."""
+    audio_s = cfg.audio_frames * FBANK_SHIFT_S
+    span = max(0.0, min(audio_s, duration_s - start_s))
+    window = min(cfg.video_window_s, span)
+    first = start_s + (span - window) * _position(train, generator)
+    step = window / cfg.num_frames
+    times = tuple(first + (i + 0.5) * step for i in range(cfg.num_frames))
+    return ExampleWindow(start_s, audio_s, times)
+
+
+def _position(train: bool, generator: torch.Generator | None) -> float:
+    """Where a window sits in its slack: 0.5 (centred) at eval, uniform in [0, 1) in training."""
+    return torch.rand((), generator=generator).item() if train else 0.5
+
+
 def frame_times(
     duration_s: float,
     cfg: MediaConfig,
@@ -256,16 +323,8 @@ def frame_times(
     train: bool = False,
     generator: torch.Generator | None = None,
 ) -> list[float]:
-    """Target times (s from the clip start) of the num_frames frames, increasing.
-
-    The window (video_window_s, or the whole clip if shorter) is cut into num_frames equal
-    slices and each frame sits at a slice centre.
-    """
-    window = min(cfg.video_window_s, duration_s)
-    slack = duration_s - window
-    fraction = torch.rand((), generator=generator).item() if train else 0.5
-    step = window / cfg.num_frames
-    return [slack * fraction + (i + 0.5) * step for i in range(cfg.num_frames)]
+    """The video frame times of ``example_window`` (s from the clip start), increasing."""
+    return list(example_window(duration_s, cfg, train=train, generator=generator).frame_times)
 
 
 def _decode_frames(data: bytes, times: list[float], size: int, seek: bool = True) -> Tensor:

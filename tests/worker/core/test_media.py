@@ -209,3 +209,78 @@ def test_a_concat_list_cannot_read_local_files(tmp_path, monkeypatch):
 def test_media_errors_are_value_errors():
     for error in (NoAudioStream, NoVideoStream, UndecodableMedia, MediaTooLarge):
         assert issubclass(error, MediaError) and issubclass(error, ValueError)
+
+
+# -- the aligned window: audio and video of an example come from the same time span ----------
+
+FLASH_AT = 10.0  # seconds: one white flash (FLASH_AT +- 0.6 s) and one click at FLASH_AT
+
+
+@functools.lru_cache
+def flash_click_clip(seconds: float = 20.0, fps: int = 10, rate: int = 16000) -> bytes:
+    """A dark clip with a single flash and a single click at the same moment (MP4)."""
+    from worker.core.synthetic import encode_mp4
+
+    frames = np.full((round(seconds * fps), 32, 32, 3), 16, np.uint8)
+    lit = np.abs(np.arange(len(frames)) / fps - FLASH_AT) <= 0.6
+    frames[lit] = 235
+    audio = np.zeros(round(seconds * rate), np.float32)
+    at = round(FLASH_AT * rate)
+    burst = np.random.default_rng(0).standard_normal(160).astype(np.float32)
+    audio[at : at + 160] = 0.8 * burst * np.hanning(160).astype(np.float32)
+    return encode_mp4(frames, audio, fps, rate)
+
+
+def _click_frame(clip: Clip) -> int:
+    """The fbank frame with the most energy (the click's), in the example's time."""
+    return int(clip.fbank.sum(dim=1).argmax())
+
+
+def _lit_frames(clip: Clip) -> list[int]:
+    luma = (clip.frames * IMAGENET_STD + IMAGENET_MEAN).mean(dim=(1, 2, 3))
+    return [i for i, v in enumerate(luma.tolist()) if v > 0.5]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_flash_and_click_fall_in_the_same_example_at_every_preset(name):
+    from worker.core.media import example_window
+    from worker.core.model import preset
+
+    cfg = preset(name).media()
+    clip = decode_clip(flash_click_clip(), cfg)
+    window = example_window(clip.duration_s, cfg)
+    assert window.start_s <= FLASH_AT <= window.start_s + window.audio_s
+    assert _lit_frames(clip), f"{name}: the flash is in no frame of the example"
+    expected = (FLASH_AT - window.start_s) / 0.010
+    assert abs(_click_frame(clip) - expected) <= 4, f"{name}: click off the example's time"
+
+
+def test_training_windows_keep_audio_and_frames_together():
+    """Random training spans: whenever a frame shows the flash, the click is in the audio
+    at the flash's offset from the span start."""
+    from worker.core.media import example_window
+    from worker.core.model import preset
+
+    cfg = preset("tiny").media()
+    data, together = flash_click_clip(), 0
+    for seed in range(8):
+        clip = decode_clip(data, cfg, train=True, generator=torch.Generator().manual_seed(seed))
+        window = example_window(
+            clip.duration_s, cfg, train=True, generator=torch.Generator().manual_seed(seed)
+        )
+        assert all(window.start_s <= t <= window.start_s + window.audio_s for t in window.frame_times)
+        if _lit_frames(clip):
+            together += 1
+            expected = (FLASH_AT - window.start_s) / 0.010
+            assert abs(_click_frame(clip) - expected) <= 4
+    assert together >= 1  # the 20 s clip's random spans hit the flash at least once
+
+
+def test_example_window_per_preset_spans():
+    from worker.core.media import example_window
+    from worker.core.model import preset
+
+    spans = {n: example_window(30.0, preset(n).media()).audio_s for n in ("tiny", "small", "base")}
+    assert spans == pytest.approx({"tiny": 2.56, "small": 5.12, "base": 10.24})
+    short = example_window(1.0, preset("tiny").media())
+    assert short.start_s == 0.0 and max(short.frame_times) < 1.0
