@@ -268,7 +268,8 @@ def test_training_windows_keep_audio_and_frames_together():
         window = example_window(
             clip.duration_s, cfg, train=True, generator=torch.Generator().manual_seed(seed)
         )
-        assert all(window.start_s <= t <= window.start_s + window.audio_s for t in window.frame_times)
+        end = window.start_s + window.audio_s
+        assert all(window.start_s <= t <= end for t in window.frame_times)
         if _lit_frames(clip):
             together += 1
             expected = (FLASH_AT - window.start_s) / 0.010
