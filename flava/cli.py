@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     demo.set_defaults(run=_demo)
 
+    pre = sub.add_parser(
+        "pretrain", help="make the pretrained start (backbone, then AVM); resumable"
+    )
+    _pretrain_arguments(pre)
+    pre.set_defaults(run=_pretrain)
+
     push = sub.add_parser("push", help="POST clip files, or a generated stream, to /ingest")
     push.add_argument("files", nargs="*", type=Path)
     push.add_argument("--url", default="http://127.0.0.1:8000")
@@ -80,6 +86,42 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("options", nargs=argparse.REMAINDER, help="see bench.perf -h")
     perf.set_defaults(run=_bench_perf)
     return p
+
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    from flava.pretrain import PretrainJob
+
+    d = PretrainJob()
+    p.add_argument("--preset", default=d.preset)
+    p.add_argument("--steps", type=int, default=d.steps, help="backbone updates")
+    p.add_argument("--avm-steps", type=int, default=d.avm_steps, help="AVM updates")
+    p.add_argument("--train-clips", type=int, default=d.train_clips)
+    p.add_argument("--heldout-clips", type=int, default=d.heldout_clips)
+    p.add_argument("--unseen-per-task", type=int, default=d.unseen_per_task)
+    p.add_argument("--seed", type=int, default=d.seed, help="model init and batch orders")
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="decode processes")
+    p.add_argument("--out", type=Path, default=d.out, help="default: the package's builtin/")
+    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="data + resumable state")
+
+
+def _pretrain(args) -> int:
+    from flava.pretrain import PretrainJob, run_pretrain
+
+    job = PretrainJob(
+        preset=args.preset,
+        steps=args.steps,
+        avm_steps=args.avm_steps,
+        train_clips=args.train_clips,
+        heldout_clips=args.heldout_clips,
+        unseen_per_task=args.unseen_per_task,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        workers=args.workers,
+        out=args.out,
+        work_dir=args.work_dir,
+    )
+    return run_pretrain(job, sys.argv[2:] if sys.argv[1:2] == ["pretrain"] else None)
 
 
 def _serve(args) -> int:
