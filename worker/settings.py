@@ -41,9 +41,11 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = 0  # 0: no /metrics server
     seed: int = 0
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
-    # pretrained weights for a cold start (empty checkpoint dir): our checkpoint, or a
-    # CAV-MAE / STELLA state dict (see worker.warmstart); None starts from scratch
-    init_weights: str | None = None
+    # pretrained weights for a cold start (empty checkpoint dir): "builtin" (the package's
+    # pretrained start for the preset, made by `flava pretrain`; from scratch when none is
+    # shipped for it), "none" (from scratch), or a path to our checkpoint or a CAV-MAE /
+    # STELLA state dict (see worker.warmstart)
+    init_weights: str = "builtin"
     # where published embeddings come from: "pre_update" reuses FLAVA's no-grad all-token
     # pass (stamped with the pre-update version, ~1/6 the cost); "updated" re-embeds
     embed_with: Literal["pre_update", "updated"] = "pre_update"

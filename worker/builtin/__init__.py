@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).resolve().parent
 
 
@@ -33,3 +35,23 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resolve_init_weights(value: str | None, preset: str) -> Path | None:
+    """``FLAVA_INIT_WEIGHTS`` -> the file a cold worker starts from (None: from scratch).
+
+    ``builtin`` (the default) is the shipped file of ``preset``, or None with a warning when
+    none is shipped for it; ``none`` (or empty) is None; anything else is a path that must
+    exist.
+    """
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    if value.strip().lower() == "builtin":
+        path = builtin_path(preset)
+        if path is None:
+            log.warning("no builtin weights for preset %r: starting from scratch", preset)
+        return path
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"FLAVA_INIT_WEIGHTS={value!r}: no such file")
+    return path

@@ -59,3 +59,27 @@ def recall_at_k(
         "a2v": _recalls(_hits_at_k(a_n, v_n, lab, k_max), ks),
         "v2a": _recalls(_hits_at_k(v_n, a_n, lab, k_max), ks),
     }
+
+
+def recall_by_group(
+    a: Tensor, v: Tensor, groups: Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Instance-level recall of each group's queries against the gallery of all N clips.
+
+    The paper's protocol: a query's own pair is the one correct item among the union of
+    every group's (task's) held-out clips; chance R@k = k / N. groups (N,) ints. Returns
+    ``{group: {"a2v": {...}, "v2a": {...}}}`` as ``recall_at_k``.
+    """
+    if a.shape != v.shape or a.dim() != 2 or groups.shape != (a.shape[0],):
+        raise ValueError(
+            f"need a, v (N, D) and groups (N,), got {a.shape} {v.shape} {groups.shape}"
+        )
+    n = a.shape[0]
+    a_n = F.normalize(a.detach().float().cpu(), dim=-1)
+    v_n = F.normalize(v.detach().float().cpu(), dim=-1)
+    own, k_max, groups = torch.arange(n), min(max(ks), n), groups.cpu()
+    hits = {"a2v": _hits_at_k(a_n, v_n, own, k_max), "v2a": _hits_at_k(v_n, a_n, own, k_max)}
+    return {
+        int(g): {d: _recalls(h[groups == g], ks) for d, h in hits.items()}
+        for g in groups.unique().tolist()
+    }

@@ -48,3 +48,18 @@ def test_k_beyond_n_counts_every_item_and_bad_input_raises() -> None:
         recall_at_k(a, v[:3])
     with pytest.raises(ValueError, match="labels"):
         recall_at_k(a, v, labels=torch.arange(3))
+
+
+def test_recall_by_group_ranks_each_query_against_the_union_gallery():
+    from worker.core.retrieval import recall_by_group
+
+    # 4 clips in 2 groups; clip 1's audio is closest to clip 2's video (another group)
+    v = torch.eye(4)
+    a = torch.eye(4)
+    a[1] = torch.tensor([0.0, 0.6, 0.8, 0.0])
+    res = recall_by_group(a, v, torch.tensor([0, 0, 1, 1]), ks=(1, 2))
+    assert res[0]["a2v"]["r1"] == 50.0  # clip 0 hits, clip 1 misses (gallery spans groups)
+    assert res[0]["a2v"]["r2"] == 100.0
+    assert res[1]["a2v"]["r1"] == 100.0
+    with pytest.raises(ValueError):
+        recall_by_group(a, v, torch.tensor([0, 1]))
