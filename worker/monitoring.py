@@ -15,8 +15,24 @@ embedded:
   ``Keys.monitor`` for the demo and operators.
 
 At most ``max_windows`` windows are tracked (bounded label cardinality): a new one drops
-the oldest, with its probes, history and gauge series. The monitor's state lives in
-memory only: after a restart drift and forgetting start again from new clips.
+the oldest, with its probes, history and gauge series.
+
+The monitor survives restarts through the worker's checkpoint (``state_dict`` /
+``load_state_dict``; tensors and plain containers only). Probe bytes are deleted on ack and a
+re-posted probe is a duplicate, so the checkpoint is the only copy of the probe sets. It holds:
+
+- per window, in order: the probe ids, their decoded inputs stacked as float16 tensors
+  (fbank (P, T, F), frames (P, N, 3, S, S)), ``trained`` and the last drift report;
+  P <= ``probes_per_window`` (later probes of a full window are refused, never swapped in,
+  so a window's R@K history is always over the same clips) and at most ``max_windows``
+  windows (a new one drops the oldest), so at most ``max_probes`` = their product probes:
+  ``probe_bytes`` each, 280 KiB at the tiny preset, 1.4 MiB at base;
+- the forgetting tracker: per window the evaluation count, best-so-far recall, lowest
+  reconstruction loss and the last 100 evaluations;
+- the drift windows (float32 embeddings and input statistics, 2 x ``drift.window`` rows per
+  series) and the last drift report, the current window and the counters.
+
+A restored monitor exports its gauges and reports the same figures as before the restart.
 """
 
 from __future__ import annotations
@@ -69,6 +85,11 @@ class MonitorConfig:
         if self.max_windows < 2 or self.probes_per_window < 2 or self.count_window < 1:
             raise ValueError(f"need max_windows, probes_per_window >= 2, count_window >= 1: {self}")
 
+    @property
+    def max_probes(self) -> int:
+        """Most probes held (in memory and in a checkpoint), over every window."""
+        return self.max_windows * self.probes_per_window
+
     @classmethod
     def from_settings(cls, s: WorkerSettings) -> MonitorConfig:
         drift = DriftConfig(window=s.monitor_window, min_samples=max(2, s.monitor_window // 4))
@@ -107,6 +128,26 @@ class ProbeSet:
         """All probes as a float32 Batch: fbank (P, T, F), frames (P, N, 3, S, S)."""
         return Batch(torch.stack(self.fbank).float(), torch.stack(self.frames).float(), self.ids)
 
+    def state_dict(self) -> dict:
+        """{"ids": [P str], "fbank": (P, T, F) float16, "frames": (P, N, 3, S, S) float16}."""
+        if not self.ids:
+            empty = torch.empty(0, dtype=torch.float16)
+            return {"ids": [], "fbank": empty, "frames": empty}
+        fbank, frames = torch.stack(self.fbank), torch.stack(self.frames)
+        return {"ids": list(self.ids), "fbank": fbank, "frames": frames}
+
+    @classmethod
+    def from_state(cls, state: dict, capacity: int) -> ProbeSet:
+        """The first ``capacity`` probes of a ``state_dict()``."""
+        ids = list(state["ids"])[:capacity]
+        fbank, frames = state["fbank"][: len(ids)].half(), state["frames"][: len(ids)].half()
+        return cls(ids, list(fbank), list(frames))
+
+
+def probe_bytes(fbank_shape: tuple[int, ...], frames_shape: tuple[int, ...]) -> int:
+    """Bytes one probe takes (float16 fbank + frames), in memory and in a checkpoint."""
+    return 2 * (torch.Size(fbank_shape).numel() + torch.Size(frames_shape).numel())
+
 
 @dataclass
 class Window:
@@ -115,6 +156,18 @@ class Window:
     probes: ProbeSet = field(default_factory=ProbeSet)
     trained: bool = False  # training clips of this window were seen
     drift: dict | None = None  # the last drift report while it was the current window
+
+    def state_dict(self, name: str) -> dict:
+        return {
+            "name": name,
+            "trained": self.trained,
+            "drift": self.drift,
+            **self.probes.state_dict(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, capacity: int) -> Window:
+        return cls(ProbeSet.from_state(state, capacity), bool(state["trained"]), state["drift"])
 
 
 class StreamMonitor:
@@ -287,6 +340,55 @@ class StreamMonitor:
                 telemetry.FORGETTING_AVG.labels(direction, k).set(
                     forgetting.forgetting[direction][metric] / 100
                 )
+
+    # ---- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the monitor needs to report the same figures after a restart (module doc)."""
+        return {
+            "windows": [w.state_dict(name) for name, w in self.windows.items()],
+            "tracker": self.tracker.state_dict(),
+            "drift": self.drift.state_dict(),
+            "last_report": self.last_report.as_dict() if self.last_report else None,
+            "current": self.current,
+            "untagged_clips": self.untagged_clips,
+            "last_eval_step": self.last_eval_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``, then export the gauges."""
+        self._load_windows(state["windows"])
+        tracked = {n: t for n, t in state["tracker"].items() if n in self.windows}
+        self.tracker.load_state_dict(tracked)
+        self.drift.load_state_dict(state["drift"])
+        report = state["last_report"]
+        self.last_report = DriftReport.from_dict(report) if report else None
+        self.current = state["current"]
+        self.untagged_clips = int(state["untagged_clips"])
+        self.last_eval_step = int(state["last_eval_step"])
+        self.export()
+
+    def _load_windows(self, saved: list[dict]) -> None:
+        """Within this config's bounds: the newest ``max_windows`` windows, the first
+        ``probes_per_window`` probes of each (settings may have shrunk since the save)."""
+        cap = self.cfg.probes_per_window
+        kept = saved[-self.cfg.max_windows :]
+        if len(kept) < len(saved) or any(len(w["ids"]) > cap for w in kept):
+            log.warning("monitor state cut to %d windows x %d probes", len(kept), cap)
+        self.windows = OrderedDict((w["name"], Window.from_state(w, cap)) for w in kept)
+
+    def export(self) -> None:
+        """Set every gauge from the state held (after a restore: nothing else would)."""
+        telemetry.MONITOR_WINDOWS.set(len(self.windows))
+        for name, window in self.windows.items():
+            telemetry.PROBE_CLIPS.labels(name).set(len(window.probes))
+        for name in self.tracker.windows():
+            self._export_window(name)
+        self._export_averages()
+        ref_n, recent_n = self.drift.sizes()
+        telemetry.DRIFT_WINDOW_CLIPS.labels("reference").set(ref_n)
+        telemetry.DRIFT_WINDOW_CLIPS.labels("recent").set(recent_n)
+        if self.last_report is not None:
+            _export_drift(self.last_report)
 
     # ---- summary ---------------------------------------------------------------------------
     def summary(self, step: int, version: int) -> dict:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 import torch
@@ -111,17 +112,21 @@ class Worker:
         self._last_heartbeat = 0.0
         self._selection_on = False  # FLAVA: importance selection drove the last step
         self._last_checkpoint_step = 0
-        self.monitor = StreamMonitor(
-            MonitorConfig.from_settings(settings), self.learner, client, self.queue.keys
-        )
+        self.monitor = self._new_monitor()
+
+    def _new_monitor(self) -> StreamMonitor:
+        cfg = MonitorConfig.from_settings(self.settings)
+        return StreamMonitor(cfg, self.learner, self.queue.redis, self.queue.keys)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Restore the newest checkpoint, join the group, re-claim own pending entries."""
-        self.restore()
+        resumed = self.restore()
         self._retry(self.queue.ensure_group)
         published = self._retry(self.queue.published_version)
         self.counters.version = max(self.counters.version, published)
+        if resumed:  # the restored forgetting figures, before the first batch comes
+            self.monitor.publish(self.counters.step, self.counters.version)
         self._retry(self.queue.claim_own_pending)
         self._retry(self.heartbeat, force=True)
 
@@ -356,6 +361,7 @@ class Worker:
             "counters": vars(self.counters).copy(),
             "method": self.settings.method,
             "preset": self.settings.preset,
+            "monitor": self.monitor.state_dict(),  # probe sets and forgetting history
         }
         save_checkpoint(
             self.settings.checkpoint_dir,
@@ -381,8 +387,27 @@ class Worker:
         self.learner.load_state_dict(state["learner"])
         self.counters = Counters(**state["counters"])
         self._last_checkpoint_step = self.counters.step
+        self._restore_monitor(state, path)
         log.info("resumed from %s at version %d", path, self.counters.version)
         return True
+
+    def _restore_monitor(self, state: dict, path: Path) -> None:
+        """The monitor's probes and history; a checkpoint without them starts it empty."""
+        if "monitor" not in state:
+            log.info("checkpoint %s has no monitor state: drift and forgetting start empty", path)
+            return
+        try:
+            self.monitor.load_state_dict(state["monitor"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            log.warning("monitor state of %s not restored (%r): it starts empty", path, exc)
+            self.monitor = self._new_monitor()
+            return
+        windows = self.monitor.windows
+        log.info(
+            "monitor restored: %d windows, %d probes",
+            len(windows),
+            sum(len(w.probes) for w in windows.values()),
+        )
 
     def _retry(self, fn: Callable, *args, stop: threading.Event | None = None, **kwargs):
         """Call ``fn``; on a Redis outage back off (0.1 s doubling to 5 s) and try again."""

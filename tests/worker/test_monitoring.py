@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import uuid
 
@@ -13,12 +14,13 @@ from prometheus_client import REGISTRY
 
 from contract import wire
 from tests.queueing import enqueue
+from worker import telemetry
 from worker.core.learner import Batch, build_learner
 from worker.core.media import decode_clip
 from worker.core.model import preset
 from worker.core.monitors import DriftConfig
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
-from worker.monitoring import MonitorConfig, StreamMonitor, format_summary
+from worker.monitoring import MonitorConfig, StreamMonitor, format_summary, probe_bytes
 from worker.runner import Worker
 
 STREAM = StreamConfig(num_segments=2)
@@ -228,3 +230,61 @@ def test_worker_feeds_the_monitor_and_publishes_its_summary(
     window = summary["windows"]["segment-0"]
     assert window["probes"] == 4 and window["trained"] is True
     assert window["retrieval"]["evaluations"] == 1 and window["retrieval"]["recon"] > 0
+
+
+# ---- checkpoint state ------------------------------------------------------------------------
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """Through torch.save and torch.load(weights_only=True), as the worker's checkpoint goes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def without_time(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "updated_at"}
+
+
+def test_state_round_trip_gives_identical_reports_and_gauges(learner, media):
+    w0, w1 = names()
+    monitor = StreamMonitor(monitor_cfg(every=2), learner)
+    run_two_segments(monitor, learner, media, w0, w1)
+    state = saved_and_loaded(monitor.state_dict())
+    for w in (w0, w1):  # what a fresh process would show
+        telemetry.PROBE_CLIPS.remove(w)
+        telemetry.FORGETTING.remove(w, "a2v", "1")
+    restored = StreamMonitor(monitor_cfg(every=2), learner)
+    restored.load_state_dict(state)
+    assert without_time(restored.summary(4, 4)) == without_time(monitor.summary(4, 4))
+    assert gauge("flava_probe_clips", window=w0) == 4
+    assert gauge("flava_forgetting_ratio", window=w0, direction="a2v", k="1") == pytest.approx(
+        monitor.tracker.state(w0).forgetting["a2v"]["r1"] / 100
+    )
+    # the same probes, bit for bit: the next evaluation gives the same R@K and forgetting
+    assert restored.evaluate(6) == monitor.evaluate(6)
+    assert restored.tracker.state(w0) == monitor.tracker.state(w0)
+    assert restored.tracker.state(w0).evaluations == 3
+
+
+def test_state_holds_float16_probes_within_the_caps(learner, media):
+    tag = uuid.uuid4().hex[:6]
+    cfg = monitor_cfg(probes_per_window=3, max_windows=2)
+    monitor = StreamMonitor(cfg, learner)
+    for i in range(3):  # three windows of four probes: one window and one probe each too many
+        feed(monitor, learner, media["probe0"], f"w{i}-{tag}", "probe", 0)
+    state = saved_and_loaded(monitor.state_dict())
+    assert [w["name"] for w in state["windows"]] == [f"w1-{tag}", f"w2-{tag}"]
+    clip = media["probe0"][0][1]
+    one = probe_bytes(tuple(clip.fbank.shape), tuple(clip.frames.shape))
+    total = 0
+    for w in state["windows"]:
+        assert len(w["ids"]) == 3 and w["fbank"].shape == (3, *clip.fbank.shape)
+        assert w["fbank"].dtype == w["frames"].dtype == torch.float16
+        total += w["fbank"].nbytes + w["frames"].nbytes
+    assert total == 6 * one and 6 == cfg.max_probes
+    smaller = StreamMonitor(monitor_cfg(probes_per_window=2, max_windows=2), learner)
+    smaller.load_state_dict(state)  # settings shrank since the save: cut, first probes kept
+    assert [len(w.probes) for w in smaller.windows.values()] == [2, 2]
+    assert smaller.windows[f"w2-{tag}"].probes.ids == state["windows"][1]["ids"][:2]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
 
 import pytest
 import redis
 import torch
+from prometheus_client import REGISTRY
 
 from contract import wire
 from tests.queueing import enqueue
+from worker import telemetry
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
 from worker.runner import Worker
 from worker.settings import WorkerSettings
@@ -236,3 +241,110 @@ def preset_cfg():
     from worker.core.model import preset
 
     return preset("tiny")
+
+
+# ---- the monitor survives restarts -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[bytes]:
+    """Four probe clips of each segment, then two more training clips of segment 1."""
+    cfg = StreamConfig(num_segments=2)
+    probes = [segment_specs(cfg, s, 4, seed=1, split="heldout") for s in (0, 1)]
+    extra = segment_specs(cfg, 1, 4, seed=1)[2:]
+    return [make_clip(s, cfg) for s in [*probes[0], *probes[1], *extra]]
+
+
+def run_until_evaluated(settings, client, keys: wire.Keys, step: int) -> dict:
+    """Run a worker in a thread until its summary shows an evaluation at ``step``, then stop
+    it as SIGTERM does (the stop event) and return its last published summary."""
+    stop, w = threading.Event(), Worker(settings, client)
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while (
+        time.monotonic() < deadline
+        and monitor_summary(client, keys).get("last_evaluation_step") != step
+    ):
+        time.sleep(0.1)
+    stop.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    return monitor_summary(client, keys)
+
+
+def monitor_summary(client, keys: wire.Keys) -> dict:
+    raw = client.get(keys.monitor)
+    return json.loads(raw) if raw else {}
+
+
+def test_restart_restores_probe_sets_and_forgetting_history(
+    worker_settings, client, clips, heldout, prefix, tmp_path
+):
+    settings = worker_settings(decode_processes=2, monitor_every=1, monitor_window=4)
+    keys = wire.Keys(prefix)
+    tasks = [f"a-{prefix}", f"b-{prefix}"]
+    for task, probes in zip(tasks, (heldout[:4], heldout[4:8]), strict=True):
+        for c in probes:
+            enqueue(client, keys, c, "probe", task)
+    for task, train in zip(tasks, (clips[:4], clips[4:8]), strict=True):
+        for c in train:
+            enqueue(client, keys, c, "train", task)
+    before = run_until_evaluated(settings, client, keys, step=2)
+    assert list((tmp_path / "ckpt").glob("ckpt-*.pt"))
+    assert [before["windows"][t]["retrieval"]["evaluations"] for t in tasks] == [2, 2]
+    client.delete(keys.monitor)
+    for series in (telemetry.PROBE_CLIPS, telemetry.FORGETTING, telemetry.FORGETTING_AVG):
+        series.clear()  # as in a fresh process
+
+    again = Worker(settings, client)  # same checkpoint dir; no probe is posted again
+    again.start()
+    try:
+        after = monitor_summary(client, keys)
+        assert after["windows"] == before["windows"]  # probes, trained, drift, best-so-far
+        assert after["average_forgetting"] == before["average_forgetting"]
+        assert after["current_window"] == tasks[1] and after["step"] == 2
+        for task in tasks:
+            retrieval = before["windows"][task]["retrieval"]
+            assert gauge("flava_probe_clips", window=task) == 4
+            for direction, k in (("a2v", "1"), ("v2a", "avg")):
+                metric = "avg" if k == "avg" else f"r{k}"
+                assert gauge(
+                    "flava_forgetting_ratio", window=task, direction=direction, k=k
+                ) == pytest.approx(retrieval["forgetting"][direction][metric] / 100)
+        # learning goes on: the restored probes are evaluated again, history continues
+        for c in heldout[8:]:
+            enqueue(client, keys, c, "train", tasks[1])
+        assert again.iterate().learned == 2
+        later = monitor_summary(client, keys)
+    finally:
+        again.pool.shutdown()
+    for task in tasks:
+        window, old = later["windows"][task], before["windows"][task]["retrieval"]
+        assert window["probes"] == 4 and window["retrieval"]["evaluations"] == 3
+        best, old_best = window["retrieval"]["best"], old["best"]
+        assert all(best[d][m] >= old_best[d][m] for d in old_best for m in old_best[d])
+
+
+def test_checkpoint_without_monitor_state_still_loads(settings, client, clips, prefix, caplog):
+    from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    keys = wire.Keys(prefix)
+    enqueue(client, keys, clips[5], purpose="probe", task=f"t-{prefix}")
+    w = started(settings, client)
+    w.iterate()
+    w.checkpoint()
+    w.pool.shutdown()
+    state = load_checkpoint(latest_checkpoint(settings.checkpoint_dir))
+    assert len(state["monitor"]["windows"][0]["ids"]) == 1
+    del state["monitor"]  # a checkpoint written before the monitor was checkpointed
+    save_checkpoint(settings.checkpoint_dir, 1, state)
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        again = started(settings, client)
+    again.pool.shutdown()
+    assert again.counters.clips_probed == 1 and not again.monitor.windows
+    assert "no monitor state" in caplog.text
+
+
+def gauge(name: str, **labels) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)

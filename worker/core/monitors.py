@@ -17,6 +17,10 @@ mixes input drift with the model's own change; the input statistics see input dr
 Forgetting: ``ForgettingTracker`` keeps, per window (task), the history of retrieval
 recall on that window's held-out probes (R@K in percent, as ``recall_at_k``) and their
 reconstruction loss; forgetting = best-so-far minus current (DESIGN.md section 5).
+
+Both monitors have ``state_dict`` / ``load_state_dict`` made of tensors and plain containers
+only (what ``torch.load(weights_only=True)`` accepts), so the worker's checkpoint carries
+them across restarts and a restored monitor reports the same figures.
 """
 
 from __future__ import annotations
@@ -158,6 +162,16 @@ class DriftReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> DriftReport:
+        """Inverse of ``as_dict``."""
+        return cls(
+            {name: ModalityDrift(**m) for name, m in d["modalities"].items()},
+            {name: InputDrift(**i) for name, i in d["inputs"].items()},
+            int(d["reference_size"]),
+            int(d["recent_size"]),
+        )
+
 
 class _Windows:
     """Reference rows (the first ``size`` after a reset) and the last ``size`` rows after."""
@@ -182,6 +196,20 @@ class _Windows:
     def reset(self) -> None:
         self.reference.clear()
         self.recent.clear()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """{"reference": (R, D), "recent": (N, D)} float32 (an empty window: shape (0,))."""
+        return {"reference": _stack(self.reference), "recent": _stack(list(self.recent))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore ``state_dict()``; rows beyond ``size`` are cut (the first reference rows
+        and the last recent rows stay, as if they had arrived with this size)."""
+        self.reference = list(state["reference"].float())[: self.size]
+        self.recent = deque(state["recent"].float(), maxlen=self.size)
+
+
+def _stack(rows: list[Tensor]) -> Tensor:
+    return torch.stack(rows) if rows else torch.empty(0)
 
 
 class DriftMonitor:
@@ -224,10 +252,29 @@ class DriftMonitor:
             recent_n,
         )
 
+    def state_dict(self) -> dict[str, dict[str, dict[str, Tensor]]]:
+        """The windows of every series: {"embeddings"|"inputs": {name: _Windows state}}."""
+        return {
+            "embeddings": {n: w.state_dict() for n, w in self.embeddings.items()},
+            "inputs": {n: w.state_dict() for n, w in self.inputs.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+        self.embeddings = _load_windows(state["embeddings"], self.cfg.window)
+        self.inputs = _load_windows(state["inputs"], self.cfg.window)
+
     def _modality(self, windows: _Windows) -> ModalityDrift:
         ref, recent = windows.tensors()
         shift = mean_shift(ref, recent, self.cfg.normalise_shift)
         return ModalityDrift(mmd2_rbf(ref, recent), shift)
+
+
+def _load_windows(states: dict[str, dict[str, Tensor]], size: int) -> dict[str, _Windows]:
+    out = {}
+    for name, state in states.items():
+        out[name] = _Windows(size)
+        out[name].load_state_dict(state)
+    return out
 
 
 def _input_drift(ref: Tensor, recent: Tensor) -> InputDrift:
@@ -348,44 +395,76 @@ class Averages:
     forgetting: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-class ForgettingTracker:
-    """Per window: every ProbeEvaluation, the best-so-far recall and the forgetting."""
+Table = dict[str, dict[str, float]]  # {"a2v": {"r1": ..., "avg": ...}, "v2a": {...}}
 
-    def __init__(self) -> None:
-        self._history: dict[str, list[ProbeEvaluation]] = {}
+
+@dataclass
+class _Record:
+    """One window's evaluations: the last ``keep`` in full, best and count over all."""
+
+    history: deque[ProbeEvaluation]
+    evaluations: int = 0
+    best: Table = field(default_factory=dict)  # elementwise max of every recall so far
+    recon_best: float | None = None  # lowest reconstruction loss so far
+
+    def add(self, evaluation: ProbeEvaluation) -> None:
+        self.history.append(evaluation)
+        self.evaluations += 1
+        self.best = _elementwise_max([t for t in (self.best, evaluation.recall) if t])
+        recons = [r for r in (self.recon_best, evaluation.recon) if r is not None]
+        self.recon_best = min(recons) if recons else None
+
+
+class ForgettingTracker:
+    """Per window: the best-so-far recall, the forgetting, and the last ``keep`` evaluations.
+
+    Best-so-far and the lowest reconstruction loss are running values over every
+    evaluation, so a long run's memory (and checkpoint) stays bounded by ``keep``.
+    """
+
+    def __init__(self, keep: int = 100) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
+        self._records: dict[str, _Record] = {}
 
     def record(self, window: str, evaluation: ProbeEvaluation) -> None:
-        self._history.setdefault(window, []).append(evaluation)
+        if window not in self._records:
+            self._records[window] = _Record(deque(maxlen=self.keep))
+        self._records[window].add(evaluation)
 
     def drop(self, window: str) -> None:
-        self._history.pop(window, None)
+        self._records.pop(window, None)
 
     def windows(self) -> list[str]:
-        return list(self._history)
+        return list(self._records)
 
     def history(self, window: str) -> list[ProbeEvaluation]:
-        return list(self._history.get(window, []))
+        """The last ``keep`` evaluations of ``window``, oldest first."""
+        record = self._records.get(window)
+        return list(record.history) if record else []
 
     def state(self, window: str) -> WindowState:
         """Current, best and forgetting of one window (KeyError if never evaluated)."""
-        hist = self._history[window]
-        latest = hist[-1]
-        best = _elementwise_max([e.recall for e in hist])
-        recons = [e.recon for e in hist if e.recon is not None]
+        record = self._records[window]
+        latest = record.history[-1]
+        increase = None
+        if latest.recon is not None and record.recon_best is not None:
+            increase = latest.recon - record.recon_best
         return WindowState(
-            evaluations=len(hist),
+            evaluations=record.evaluations,
             step=latest.step,
             current=latest.recall,
-            best=best,
-            forgetting=_difference(best, latest.recall),
+            best=record.best,
+            forgetting=_difference(record.best, latest.recall),
             recon=latest.recon,
-            recon_best=min(recons) if recons else None,
-            recon_increase=latest.recon - min(recons) if latest.recon is not None else None,
+            recon_best=record.recon_best,
+            recon_increase=increase,
         )
 
     def averages(self, exclude: set[str] | frozenset[str] = frozenset()) -> Averages:
         """Means over the evaluated windows not in ``exclude`` (e.g. the one being learned)."""
-        names = [w for w in self._history if w not in exclude]
+        names = [w for w in self._records if w not in exclude]
         states = [self.state(w) for w in names]
         if not states:
             return Averages()
@@ -398,13 +477,35 @@ class ForgettingTracker:
     def summary(self, exclude: set[str] | frozenset[str] = frozenset()) -> dict:
         """JSON-ready: every window's state and the averages over the non-excluded ones."""
         return {
-            "windows": {w: asdict(self.state(w)) for w in self._history},
+            "windows": {w: asdict(self.state(w)) for w in self._records},
             "average": asdict(self.averages(exclude)),
             "excluded": sorted(exclude),
         }
 
+    def state_dict(self) -> dict[str, dict]:
+        """{window: {"evaluations", "best", "recon_best", "history": [ProbeEvaluation dicts]}},
+        plain numbers only; windows in insertion order."""
+        return {
+            name: {
+                "evaluations": r.evaluations,
+                "best": r.best,
+                "recon_best": r.recon_best,
+                "history": [asdict(e) for e in r.history],
+            }
+            for name, r in self._records.items()
+        }
 
-def _elementwise_max(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self._records = {}
+        for name, saved in state.items():
+            history = deque((ProbeEvaluation(**e) for e in saved["history"]), maxlen=self.keep)
+            if history:
+                self._records[name] = _Record(
+                    history, int(saved["evaluations"]), saved["best"], saved["recon_best"]
+                )
+
+
+def _elementwise_max(tables: list[Table]) -> Table:
     return {d: {m: max(t[d][m] for t in tables) for m in tables[-1][d]} for d in tables[-1]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from worker.core.model import preset
 from worker.core.monitors import (
     DriftConfig,
     DriftMonitor,
+    DriftReport,
     ForgettingTracker,
     ProbeEvaluation,
     clip_brightness,
@@ -266,3 +268,59 @@ def test_fixed_masks_are_per_clip_and_do_not_move_when_probes_join():
 def test_probe_evaluation_needs_two_probes(learner):
     with pytest.raises(ValueError, match="at least 2"):
         evaluate_probes(learner, random_batch(1, 0), 0)
+
+
+# ---- state round trips (what the worker's checkpoint carries) ----------------------------
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """Through torch.save and torch.load(weights_only=True), as a checkpoint goes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_tracker_state_round_trip_gives_the_same_states_and_averages():
+    tracker = ForgettingTracker()
+    for step, (a, b) in enumerate([(40, 10), (30, 30), (35, 20)]):
+        tracker.record("a", evaluation(step, a, recon=1.0 + step))
+        tracker.record("b", evaluation(step, b))
+    restored = ForgettingTracker()
+    restored.load_state_dict(saved_and_loaded(tracker.state_dict()))
+    assert restored.windows() == ["a", "b"]
+    assert restored.summary(exclude={"b"}) == tracker.summary(exclude={"b"})
+    assert restored.state("a").best["a2v"]["r1"] == 40 and restored.state("a").recon_best == 1.0
+    assert restored.history("b") == tracker.history("b")
+    for tr in (tracker, restored):  # both go on the same way
+        tr.record("a", evaluation(3, 45, recon=0.5))
+    assert restored.state("a") == tracker.state("a")
+
+
+def test_tracker_keeps_best_and_count_over_every_evaluation_and_a_bounded_history():
+    tracker = ForgettingTracker(keep=3)
+    for step, r1 in enumerate([50, 10, 20, 30, 25]):
+        tracker.record("a", evaluation(step, r1, recon=float(step)))
+    state = tracker.state("a")
+    assert [e.step for e in tracker.history("a")] == [2, 3, 4]
+    assert (state.evaluations, state.best["a2v"]["r1"], state.recon_best) == (5, 50, 0.0)
+    assert state.forgetting["a2v"]["r1"] == 25
+    assert len(tracker.state_dict()["a"]["history"]) == 3
+
+
+def test_drift_monitor_state_round_trip_gives_the_same_report():
+    monitor = DriftMonitor(DriftConfig(window=8, min_samples=4))
+    feed(monitor, 8, 0, 0.0)
+    feed(monitor, 11, 1, 0.7, loud=1.0)
+    restored = DriftMonitor(DriftConfig(window=8, min_samples=4))
+    restored.load_state_dict(saved_and_loaded(monitor.state_dict()))
+    assert restored.sizes() == (8, 8)
+    assert restored.report() == monitor.report()
+    feed(monitor, 3, 2, 0.0)
+    feed(restored, 3, 2, 0.0)
+    assert restored.report() == monitor.report()
+    report = monitor.report()
+    assert report is not None and DriftReport.from_dict(report.as_dict()) == report
+    empty = DriftMonitor()
+    empty.load_state_dict(saved_and_loaded(DriftMonitor().state_dict()))
+    assert empty.sizes() == (0, 0)
