@@ -29,11 +29,13 @@ typecheck: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
-# The continual benchmark (bench/continual.py): every method side by side on the synthetic
-# stream and AV-Digits; CONTINUAL_MODE=quick (a few minutes) or full (the committed results).
+# The continual benchmark (bench/continual/): every method side by side on the localized and
+# synthetic sequences and AV-Digits; CONTINUAL_MODE=quick (under a minute) or full (the
+# committed results; resumable: CONTINUAL_ARGS=--resume reuses finished runs).
 CONTINUAL_MODE ?= full
+CONTINUAL_ARGS ?=
 bench-continual: $(STAMP)
-	$(PY) -m bench.continual --mode $(CONTINUAL_MODE)
+	$(PY) -m bench.continual --mode $(CONTINUAL_MODE) $(CONTINUAL_ARGS)
 
 # Performance side by side (bench/perf.py): decode vs ffmpeg, flava/er/finetune steps, service
 # vs learner throughput, ingest vs raw Redis, embed reads -> bench/results/perf.{md,json,png}.

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from worker.core.clipset import ClipSet
 from worker.core.media import MediaConfig, audio_features
 
 logger = logging.getLogger(__name__)
@@ -270,16 +271,6 @@ class AVDigitsConfig:
     @property
     def languages(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.task_languages + self.pretrain_languages))
-
-
-@dataclass
-class ClipSet:
-    """Model inputs for N clips."""
-
-    fbank: Tensor  # (N, audio_frames, mel_bins) float32, normalised
-    frames: Tensor  # (N, T, 3, S, S) uint8 RGB (ImageNet normalisation at batch time)
-    labels: Tensor  # (N,) int64 class / digit
-    objects: Tensor  # (N, Lv) bool: video tokens on the sounding object / the digit
 
 
 @dataclass

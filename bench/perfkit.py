@@ -9,6 +9,7 @@ reference.median``; its ``target`` says which side of the ratio is good.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -131,11 +132,17 @@ def _set_env(key: str, value: str | None) -> None:
 
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
-    return _status_kb("VmRSS") * 1024
+    return status_kb("VmRSS") * 1024
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS; False if unsupported."""
+    """Return freed heap to the OS, then reset this process's peak RSS (VmHWM) to its current
+    RSS (Linux >= 4.0), so the next reading is the peak of what runs in between; False if
+    unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -145,11 +152,12 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak RSS since the last ``reset_peak_rss`` (VmHWM), else since the process started."""
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     return hwm * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _status_kb(field_name: str) -> int:
+def status_kb(field_name: str) -> int:
+    """A /proc/self/status field in kB (VmRSS, VmHWM); 0 where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field_name + ":"):

@@ -1,163 +1,133 @@
-"""The continual benchmark: metric definitions on hand-made matrices, and a tiny quick run."""
+"""The continual benchmark end to end: the quick mode, on a cold cache, in a temp directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import ttest_rel
 
-from bench.continual import (
-    MULTITASK,
-    EfficiencyConfig,
-    PretrainConfig,
-    SyntheticConfig,
-    TrainConfig,
-    average_accuracy,
-    batch_order,
-    forgetting,
-    matrix,
-    quick_config,
-    run_benchmark,
-    summarize,
-)
-
-# R[l][k]: row l = after task l+1, column k = task k+1 (T = 3)
-R = [
-    [50.0, 10.0, 20.0],
-    [30.0, 60.0, 25.0],
-    [20.0, 40.0, 70.0],
-]
+from bench.continual import MULTITASK, quick_config, run_benchmark
+from bench.continual.config import PAIRS
+from bench.continual.metrics import average_accuracy, forgetting
 
 
-def test_average_accuracy_is_the_mean_of_the_final_row():
-    assert average_accuracy(R) == pytest.approx((20 + 40 + 70) / 3)
-
-
-def test_forgetting_follows_design_formula():
-    # k=1: max(50-20, 30-20) = 30; k=2: max(10-40, 60-40) = 20; F = (30 + 20) / 2
-    assert forgetting(R) == pytest.approx(25.0)
-
-
-def test_forgetting_max_runs_over_rows_before_the_last_even_before_the_task():
-    # task 2 never learnt: best earlier value comes from row 1 (before task 2), it counts
-    rows = [[80.0, 30.0], [80.0, 10.0]]
-    # k ranges over tasks < T only: (80 - 80) / 1
-    assert forgetting(rows) == pytest.approx(0.0)
-    rows = [[80.0, 30.0, 0.0], [70.0, 10.0, 0.0], [60.0, 5.0, 0.0]]
-    assert forgetting(rows) == pytest.approx(((80 - 60) + (30 - 5)) / 2)
-
-
-def test_forgetting_can_be_negative_and_is_nan_for_one_task():
-    assert forgetting([[10.0, 0.0], [30.0, 50.0]]) == pytest.approx(-20.0)
-    assert math.isnan(forgetting([[42.0]]))
-
-
-def _evals(values: list[list[float]]) -> list[dict]:
-    """Per-task evaluation rows in the runner's format from R@1 values (R@5 = R@1 + 10,
-    R@10 = R@1 + 20, v2a = a2v / 2)."""
-
-    def rec(x: float) -> dict[str, float]:
-        r = {"r1": x, "r5": x + 10, "r10": x + 20}
-        return {**r, "avg": sum(r.values()) / 3}
-
-    return [
-        {
-            "label": [{"a2v": rec(x), "v2a": rec(x / 2)} for x in row],
-            "instance": [{"a2v": rec(0.0), "v2a": rec(0.0)} for _ in row],
-        }
-        for row in values
-    ]
-
-
-def test_summary_reads_a_and_f_of_r1_and_avg_per_direction():
-    rows = _evals(R)
-    assert matrix(rows, "label", "a2v", "r1") == R
-    s = summarize(rows)
-    assert s["a2v"]["A_r1"] == pytest.approx(average_accuracy(R))
-    assert s["a2v"]["F_r1"] == pytest.approx(25.0)
-    # Avg = R@1 + 10 everywhere: A shifts by 10, F (differences) does not move
-    assert s["a2v"]["A_avg"] == pytest.approx(average_accuracy(R) + 10)
-    assert s["a2v"]["F_avg"] == pytest.approx(25.0)
-    assert s["v2a"]["F_r1"] == pytest.approx(12.5)
-
-
-def test_batch_order_covers_each_clip_once_per_epoch():
-    order = batch_order(10, steps=5, batch=4, rng=np.random.default_rng(0))
-    assert order.shape == (5, 4)
-    flat = order.reshape(-1).tolist()
-    assert sorted(flat[:10]) == list(range(10))  # first epoch: a permutation
-    assert sorted(flat[10:20]) == list(range(10))
-
-
-def _tiny_config(tmp_path):
-    return quick_config(
-        sequences=("synthetic",),
-        methods=("finetune", "flava", "no-such-method", MULTITASK),
-        synthetic=SyntheticConfig(
-            num_tasks=2,
-            classes_per_task=2,
-            pretrain_classes=2,
-            train_per_task=8,
-            eval_per_task=6,
-            pretrain_train=8,
-            pretrain_eval=6,
-        ),
-        train=TrainConfig(steps_per_task=2, batch=4, memory_size=6, eval_chunk=6),
-        pretrain=PretrainConfig(steps=2, avm_steps=2, batch=4),
-        efficiency=EfficiencyConfig(warmup_steps=2, timed_steps=2),
-        workers=2,
-        build_workers=1,
-        out_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-    )
-
-
-@pytest.mark.timeout(120)
-def test_quick_run_writes_a_consistent_report(tmp_path):
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
     torch.set_num_threads(1)
-    report = run_benchmark(_tiny_config(tmp_path))
-    out = tmp_path / "out"
-    for name in (
-        "table.md",
-        "matrices.md",
-        "results.json",
-        "r1_synthetic.png",
-        "memory_throughput.png",
-    ):
-        assert (out / name).stat().st_size > 0, name
+    tmp = tmp_path_factory.mktemp("continual")
+    cfg = quick_config(
+        methods=(*quick_config().methods, "no-such-method"),
+        out_dir=tmp / "out",
+        cache_dir=tmp / "cache",
+    )
+    report = run_benchmark(cfg)
+    return cfg, report, tmp
+
+
+@pytest.mark.timeout(240)
+def test_quick_summary_has_the_protocol_figures(quick):
+    cfg, report, tmp = quick
+    summary = json.loads((cfg.out_dir / "summary.json").read_text())["localized"]
+    held = cfg.localized.eval_per_task * cfg.localized.scene.num_tasks
+    assert summary["gallery"] == held  # the union of every task's held-out set
+    assert summary["chance"] == pytest.approx(100.0 / held)
+    assert summary["chance_r5"] == pytest.approx(500.0 / held)
+    wanted = {"er", "derpp", "flava", "flava-noimp", "flava-nocorr", MULTITASK}
+    assert set(summary["methods"]) == wanted
+    for m in wanted:
+        assert summary["methods"][m]["seeds"] == list(cfg.seeds)
+        assert 0 <= summary["methods"][m]["A"] <= 100
+    assert summary["methods"][MULTITASK]["F"] is None  # one evaluation: no forgetting
+    for key in ("localization_auc", "localization_auc_shuffled", "object_recall"):
+        assert 0 <= summary["avm"][key] <= 1, key
+    assert 0 <= summary["avm"]["matching_acc_unseen"] <= 1
+    assert {f"{a}_vs_{b}" for a, b in PAIRS} == set(summary["paired"])
+    assert set(summary["targets"]) >= {"F_flava <= 0.5 F_er", "localization_auc >= 0.85"}
     assert report["meta"]["missing_methods"].keys() == {"no-such-method"}
 
-    seq = json.loads((out / "results.json").read_text())["sequences"]["synthetic"]
-    assert set(seq["methods"]) == {"finetune", "flava", MULTITASK}
-    for method in ("finetune", "flava"):
-        agg = seq["methods"][method]
-        R = agg["matrices"]["label"]["a2v"]["r1"]
-        assert np.array(R).shape == (2, 2)  # after each task x each task
-        summary = agg["summary"]["label"]["a2v"]
-        assert summary["A_r1"]["mean"] == pytest.approx(average_accuracy(R))
-        assert summary["F_r1"]["mean"] == pytest.approx(forgetting(R))
-        assert all(0 <= x <= 100 for row in R for x in row)
-        eff = agg["efficiency"]
-        assert eff["clips_per_second"]["mean"] > 0
-        assert eff["peak_train_rss_mb"]["mean"] > eff["base_rss_mb"]["mean"] * 0.5
-    joint = seq["methods"][MULTITASK]
-    assert np.array(joint["matrices"]["label"]["a2v"]["r1"]).shape == (1, 2)
-    assert joint["summary"]["label"]["a2v"]["F_r1"]["mean"] is None  # no forgetting defined
-    flava_tasks = seq["methods"]["flava"]["tasks"]["0"]
-    assert [t["steps"] for t in flava_tasks] == [2, 2]
-    assert seq["methods"]["flava"]["avm_probes"]["0"][0][0]["match_acc"] is not None
 
-    eff = {e["method"]: e for e in json.loads((out / "results.json").read_text())["efficiency"]}
-    assert set(eff) == {"finetune", "flava"}  # multitask steps are finetune steps
-    assert eff["flava"]["tokens_kept_v"] < eff["finetune"]["tokens_kept_v"]  # selection
-    assert eff["flava"]["replay_memory_mb"] > 0 == eff["finetune"]["replay_memory_mb"]
-    assert all(e["peak_rss_mb"] >= e["steady_rss_mb"] > 0 for e in eff.values())
+def _runs(cfg, method):
+    runs = [
+        json.loads((cfg.out_dir / "runs" / f"localized-{method}-s{s}.json").read_text())
+        for s in cfg.seeds
+    ]
+    return runs
 
-    table = (out / "table.md").read_text()
-    for method in ("finetune", "flava", MULTITASK, "start (pretrained)"):
+
+def test_each_run_has_a_t_by_t_matrix_and_its_a_and_f(quick):
+    cfg, _, _ = quick
+    T = cfg.localized.scene.num_tasks
+    summary = json.loads((cfg.out_dir / "summary.json").read_text())["localized"]
+    for method in ("er", "flava"):
+        runs = _runs(cfg, method)
+        for run in runs:
+            R = [[res["a2v"]["r1"] for res in row["instance"]] for row in run["rows"]]
+            assert np.array(R).shape == (T, T)
+            assert run["summary"]["instance"]["a2v"]["A_r1"] == pytest.approx(average_accuracy(R))
+            assert run["summary"]["instance"]["a2v"]["F_r1"] == pytest.approx(forgetting(R))
+            assert all(row["gallery"] == summary["gallery"] for row in run["rows"])
+        mean_f = np.mean([r["summary"]["instance"]["a2v"]["F_r1"] for r in runs])
+        assert summary["methods"][method]["F"] == pytest.approx(mean_f)
+
+
+def test_paired_p_values_are_those_of_the_per_seed_figures(quick):
+    cfg, _, _ = quick
+    paired = json.loads((cfg.out_dir / "summary.json").read_text())["localized"]["paired"]
+    for ours, theirs in PAIRS:
+        f = [
+            [r["summary"]["instance"]["a2v"]["F_r1"] for r in _runs(cfg, m)] for m in (ours, theirs)
+        ]
+        entry = paired[f"{ours}_vs_{theirs}"]
+        assert entry["mean_diff_F"] == pytest.approx(np.mean(np.subtract(*f)))
+        if np.any(np.subtract(*f)) and np.std(np.subtract(*f)) > 0:
+            assert entry["p_value"] == pytest.approx(ttest_rel(*f).pvalue)
+        elif not np.any(np.subtract(*f)):
+            assert entry["p_value"] is None
+
+
+def test_multitask_matches_the_replay_methods_budget(quick):
+    cfg, _, _ = quick
+    T, t = cfg.localized.scene.num_tasks, cfg.train
+    joint, er = _runs(cfg, MULTITASK)[0], _runs(cfg, "er")[0]
+    assert joint["updates"] == er["updates"] == T * t.steps_per_task
+    assert joint["clips_per_update"] == 2 * t.batch  # = current + replayed of a replay method
+    assert er["clips_per_update"] + er["tasks"][-1]["replay_size"] == 2 * t.batch
+
+
+def test_flava_diagnostics_and_per_seed_pretraining(quick):
+    cfg, _, tmp = quick
+    T = cfg.localized.scene.num_tasks
+    run = _runs(cfg, "flava")[0]
+    assert len(run["avm_probes"]) == T and len(run["avm_probes"][0]) == T  # after l, task k
+    for probe in run["avm_probes"][-1]:
+        assert 0 <= probe["auc"] <= 1 and 0 <= probe["auc_shuffled"] <= 1
+        assert 0 <= probe["match_acc"] <= 1
+    assert all(0 <= t["frac_excluded"] <= 1 for t in run["tasks"])
+    ckpts = sorted((tmp / "cache").glob("pretrain-*.pt"))
+    assert len(ckpts) == len(cfg.seeds)  # one pretraining per seed
+    w = [torch.load(c, weights_only=True)["avm"] for c in ckpts]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
+
+
+def test_report_marks_the_headline_and_the_chance_level(quick):
+    cfg, _, _ = quick
+    table = (cfg.out_dir / "table.md").read_text()
+    assert "instance-level" in table and "Secondary view, label level" in table
+    chance = 100.0 / (cfg.localized.eval_per_task * cfg.localized.scene.num_tasks)
+    assert re.search(rf"^\| chance \| – \| {chance:.2f} \|", table, re.M)
+    for method in ("flava", "derpp", "start (pretrained)"):
         assert re.search(rf"^\| {re.escape(method)} \|", table, re.M), method
-    assert "no-such-method" in table  # reported as missing, not silently dropped
+    assert "no-such-method" in table
+    assert (cfg.out_dir / "r1_localized.png").stat().st_size > 0
+
+
+def test_resume_reuses_runs_and_pretrainings(quick):
+    cfg, _, _ = quick
+    again = run_benchmark(dataclasses.replace(cfg, resume=True, methods=("er",)))
+    assert again["meta"]["runs_reused"] == len(cfg.seeds)
+    assert again["sequences"]["localized"]["time"]["pretrained_now"] == []
