@@ -37,7 +37,8 @@ class ClipSet:
 
     def subset(self, idx: Tensor) -> ClipSet:
         """The clips ``idx`` (a view of every field)."""
-        return ClipSet(**{f.name: _take(getattr(self, f.name), idx) for f in fields(self)})
+        values = {f.name: _take(getattr(self, f.name), idx) for f in fields(self)}
+        return ClipSet(**values)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Tensor]:
         """Plain tensors only (loads with ``torch.load(weights_only=True)``)."""
@@ -56,11 +57,11 @@ def _take(value: Tensor | None, idx: Tensor) -> Tensor | None:
 
 def concat_sets(sets: list[ClipSet]) -> ClipSet:
     """One ClipSet of all clips of ``sets`` (optional fields kept when every set has them)."""
-    out = {}
+    out: dict[str, Tensor | None] = {}
     for f in fields(ClipSet):
         parts = [getattr(s, f.name) for s in sets]
         out[f.name] = None if any(p is None for p in parts) else torch.cat(parts)
-    return ClipSet(**out)
+    return ClipSet(**out)  # type: ignore[arg-type]
 
 
 def uint8_frames(clip: Clip) -> Tensor:
