@@ -35,7 +35,6 @@ from worker import telemetry
 from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip
-from worker.core.methods import Flava
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
 from worker.monitoring import MonitorConfig, StreamMonitor
@@ -237,8 +236,7 @@ class Worker:
         train = [c for d, c in clips if d.entry.purpose == "train"]
         if not train:
             return None
-        if hasattr(self.learner, "pre_update"):
-            self.learner.pre_update = None  # so a stale one is never published
+        self.learner.take_step_embeddings()  # drop a leftover: a stale one is never published
         stats = self.learner.step(_batch(train))
         self.counters.step += 1
         if stats.skipped:
@@ -252,7 +250,7 @@ class Worker:
             log.info(
                 "FLAVA selection switched on at step %d (AVM accuracy EMA %.2f)",
                 self.counters.step,
-                getattr(self.learner, "acc_ema", float("nan")),
+                self._selection_info().get("avm_accuracy_ema", float("nan")),
             )
         self._selection_on = stats.selection
         return stats
@@ -296,7 +294,7 @@ class Worker:
         tokens without gradients; finishing that pass gives the embeddings for ~1/6 of a
         fresh pass, made by (and stamped with) the pre-update model. Batches with probe
         clips, other methods, or ``embed_with=updated`` embed with the updated model."""
-        pre = getattr(self.learner, "pre_update", None)
+        pre = self.learner.take_step_embeddings()
         all_train = all(d.entry.purpose == "train" for d, _ in clips)
         if self.settings.embed_with == "pre_update" and pre is not None and all_train:
             return pre.emb_a, pre.emb_v, before
@@ -346,13 +344,14 @@ class Worker:
         }
 
     def _selection_info(self) -> dict[str, int | float]:
-        """FLAVA's warm-up: AVM accuracy (EMA) and the update that switched selection on."""
-        if not isinstance(self.learner, Flava):
+        """The selection gate (FLAVA): AVM accuracy (EMA), the update that switched it on."""
+        state = self.learner.selection_state()
+        if state is None:
             return {}
-        switched = self.learner.selection_step
+        switched = state.selection_step
         return {
-            "avm_accuracy_ema": round(float(self.learner.acc_ema), 4),
-            "selection_step": -1 if switched is None else int(switched),
+            "avm_accuracy_ema": round(state.avm_accuracy_ema, 4),
+            "selection_step": -1 if switched is None else switched,
         }
 
     def checkpoint(self) -> None:

@@ -7,7 +7,7 @@ file when its checkpoint directory is empty. Accepted, all loaded with
 
 - our own checkpoints (``{"learner": {...}}``) or learner state dicts (``{"model": ...}``):
   backbone and AVM weights; optimizer, replay memory and counters start fresh;
-- CAV-MAE or STELLA checkpoints (their key names; see ``load_cav_mae_state_dict``), with the
+- CAV-MAE or STELLA checkpoints (their key names; see worker/core/convert.py), with the
   STELLA authors' AVM (``module.avmatching_module.*``) when the learner has an AVM.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from worker.core.avm import map_author_keys
+from worker.core.convert import load_cav_mae_state_dict
 from worker.core.learner import Learner
-from worker.core.model import load_cav_mae_state_dict
 
 log = logging.getLogger(__name__)
 AUTHOR_AVM_PREFIXES = ("module.avmatching_module.", "avmatching_module.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from worker.core.convert import to_cav_mae_state_dict
 from worker.core.learner import LearnerConfig, build_learner
-from worker.core.model import preset, to_cav_mae_state_dict
+from worker.core.model import preset
 from worker.warmstart import warm_start
 
 CFG = preset("tiny")

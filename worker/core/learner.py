@@ -1,19 +1,22 @@
 """The learner seam: one interface every continual method plugs into.
 
 A ``Learner`` owns the backbone (``AVMAE``), any extra modules a method needs (the AVM),
-one Adam optimizer over all of them, a CPU ``torch.Generator`` for every random draw,
-and its counters. The worker calls ``step(batch)`` once per batch of stream clips,
-``embed(batch)`` to serve embeddings, and ``state_dict()``/``load_state_dict()`` for
-checkpoints (tensors and plain containers only, so ``torch.load(weights_only=True)``
-reads them).
+one Adam optimizer over all of them (one parameter group per module, each with its own
+learning rate), a CPU ``torch.Generator`` for every random draw, and its counters.
+
+The worker knows a method only through this interface: ``step(batch)`` once per batch of
+stream clips, ``take_step_embeddings()`` for the embeddings a step made of its clips (if it
+made any), ``selection_state()`` for a method that gates patch selection, ``embed(batch)``
+to serve embeddings, and ``state_dict()``/``load_state_dict()`` for checkpoints (tensors
+and plain containers only, so ``torch.load(weights_only=True)`` reads them).
 
 Methods register by name::
 
     @register("er")
     class ExperienceReplay(Learner): ...
 
-``build_learner`` imports ``worker.core.methods`` (if present) so its registrations
-happen before the name is looked up.
+``build_learner`` imports ``worker.core.methods`` (which imports the replay baselines and
+FLAVA) so their registrations happen before the name is looked up.
 """
 
 from __future__ import annotations
@@ -105,10 +108,43 @@ class StepStats:
 
 
 @dataclass
+class PreUpdateEmbeddings:
+    """Retrieval embeddings of a step's current clips, made during the step.
+
+    Made with the weights before the step's update: what ``Learner.embed`` returned just
+    before the step (FLAVA gets them from its no-grad all-token pass at a fraction of the
+    cost of a fresh pass).
+    """
+
+    emb_a: Tensor  # (B, D) float32
+    emb_v: Tensor  # (B, D) float32
+    step: int  # updates applied to the weights that produced them
+    ids: list[str] | None  # the batch's clip ids, in order
+
+
+@dataclass(frozen=True)
+class SelectionState:
+    """Where a method that gates patch selection on its alignment module stands."""
+
+    avm_accuracy_ema: float  # EMA of the AVM's matching accuracy on the current batches
+    selection_step: int | None  # update count when selection switched on; None: not yet
+
+    @property
+    def on(self) -> bool:
+        return self.selection_step is not None
+
+
+@dataclass
 class LearnerConfig:
     """Optimisation and method settings (defaults from the paper)."""
 
-    lr: float = 1e-4  # Adam learning rate, constant
+    lr: float = 1e-4  # Adam learning rate of the backbone, constant (paper)
+    # Adam learning rate of the AVM (methods that have one), constant. Not the paper's 1e-4:
+    # the authors pretrain the AVM for many epochs, a stream starts it cold, and until its
+    # matching accuracy is clearly above chance selection stays off. Measured by the
+    # continual benchmark's AVM pretraining (PretrainConfig.avm_lr): 250 steps at 1e-4 left
+    # it near chance (held-out accuracy 0.56), 300 steps at 1e-3 reached 0.83.
+    avm_lr: float = 1e-3
     betas: tuple[float, float] = (0.95, 0.999)  # Adam betas
     weight_decay: float = 5e-7  # Adam (L2) weight decay
     grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping
@@ -129,8 +165,10 @@ class Learner:
     """Base class: model, optimizer, generator and counters; subclasses define ``step``.
 
     Hooks for subclasses: ``build_extra_modules`` (e.g. the AVM; trained by the same
-    optimizer and saved with the model) and ``extra_state``/``load_extra_state``
-    (e.g. the replay memory).
+    optimizer, in its own parameter group at ``module_lr(name)``, and saved with the
+    model), ``extra_state``/``load_extra_state`` (e.g. the replay memory), and the
+    interface methods the worker reads after a step (``take_step_embeddings``,
+    ``selection_state``; None here).
     """
 
     name: ClassVar[str] = "learner"
@@ -166,9 +204,22 @@ class Learner:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
 
+    def module_lr(self, name: str) -> float:
+        """Learning rate of the extra module ``name``'s parameter group."""
+        return self.cfg.lr
+
     def step(self, batch: Batch) -> StepStats:
         """One update from a batch of current clips."""
         raise NotImplementedError
+
+    def take_step_embeddings(self) -> PreUpdateEmbeddings | None:
+        """The embeddings the last ``step`` made of its clips, once (taking clears them);
+        None when it made none (then embed the clips with ``embed``)."""
+        return None
+
+    def selection_state(self) -> SelectionState | None:
+        """The patch-selection gate of methods that have one; None for the others."""
+        return None
 
     # -- shared machinery ---------------------------------------------------------------
 
@@ -176,14 +227,27 @@ class Learner:
         yield from self.model.parameters()
         yield from self.extra_modules.parameters()
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group per module: "backbone", then each extra module by name.
+
+        Parameters are in ``parameters()`` order, so the optimizer's parameter indices are
+        the same as with one group (older checkpoints had one; see ``_regroup``)."""
+        modules: list[tuple[str, nn.Module, float]] = [("backbone", self.model, self.cfg.lr)]
+        modules += [(n, m, self.module_lr(n)) for n, m in self.extra_modules.items()]
+        groups = []
+        for name, module, lr in modules:
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"name": name, "params": params, "lr": lr})
+        return groups
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        params = [p for p in self.parameters() if p.requires_grad]
         # the fused kernel: one pass over every tensor, ~5x faster than the per-tensor loop
         # Adam runs on the CPU by default (and the default foreach path on CUDA)
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.Adam(
-            params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, fused=fused
+            self.param_groups(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, fused=fused
         )
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -312,8 +376,34 @@ class Learner:
             )
             return
         self.extra_modules.load_state_dict(state["extra_modules"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(state["optimizer"])
         self.load_extra_state(state["extra"])
+
+    def load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """Restore the optimizer's moments; learning rates stay the configured ones.
+
+        Learning rates are settings, not state: a restart with another ``lr``/``avm_lr``
+        uses the new ones. A checkpoint from before the per-module groups (one group over
+        every parameter, same order) is split into our groups."""
+        groups = self.optimizer.param_groups
+        if len(saved["param_groups"]) == 1 and len(groups) > 1:
+            saved = _regroup(saved, [len(g["params"]) for g in groups])
+        self.optimizer.load_state_dict(saved)
+        configured = self.param_groups()
+        for group, ours in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(name=ours["name"], lr=ours["lr"])
+
+
+def _regroup(saved: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
+    """A one-group optimizer state dict split into consecutive groups of ``sizes``."""
+    (group,) = saved["param_groups"]
+    params, groups = list(group["params"]), []
+    if len(params) != sum(sizes):
+        raise ValueError(f"optimizer state has {len(params)} parameters, want {sum(sizes)}")
+    for size in sizes:
+        groups.append({**group, "params": params[:size]})
+        params = params[size:]
+    return {**saved, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +175,32 @@ def test_checkpoint_of_another_method_loads_the_backbone_only(cfg: ModelConfig) 
         assert same(params(source), params(target)) and target.optimizer.state == {}
     finally:
         LEARNERS.pop("test-other")
+
+
+# -- the worker's interface ---------------------------------------------------------------
+
+
+def test_base_learner_makes_no_step_embeddings_and_has_no_selection_gate(cfg: ModelConfig) -> None:
+    learner = build_learner("finetune", cfg, LearnerConfig(lr=2e-4))
+    learner.step(make_batch(cfg))
+    assert learner.take_step_embeddings() is None and learner.selection_state() is None
+    assert [(g["name"], g["lr"]) for g in learner.optimizer.param_groups] == [("backbone", 2e-4)]
+
+
+def test_the_worker_knows_methods_only_through_the_learner_interface() -> None:
+    """worker/runner.py imports no method module and probes no learner attribute."""
+    source = Path(__file__).parents[3] / "worker" / "runner.py"
+    tree = ast.parse(source.read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"worker.core.methods", "worker.core.flava", "worker.core.replay"}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not {"Flava", "hasattr"} & names
+    probes = [
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Name)
+        and n.func.id in ("getattr", "isinstance")
+        and "learner" in ast.unparse(n.args[0])
+    ]
+    assert probes == []
