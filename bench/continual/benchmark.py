@@ -4,6 +4,7 @@ worker process, aggregate over seeds, write the report."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,18 +59,7 @@ def checkpoint_path(cfg: BenchConfig, data_path: Path, seed: int) -> Path:
 
 def prepare(cfg: BenchConfig, pool: cf.Executor) -> tuple[list[Prepared], dict[str, str]]:
     """Clips and per-seed pretrained checkpoints of every sequence; {skipped sequence: why}."""
-    model, skipped, data, built = preset(cfg.train.preset), {}, {}, set()
-    for name in cfg.sequences:
-        try:
-            existed = _cache_hit(cfg, name)
-            data[name] = cached_sequence(
-                name, _sequence_config(cfg, name), model, cfg.cache_dir, pool
-            )
-            if not existed:
-                built.add(name)
-        except MissingRecordings as err:
-            logger.error("%s skipped: %s", name, err)
-            skipped[name] = str(err)
+    data, built, skipped = build_sequences(cfg, None if cfg.fresh_processes else pool)
     todo = {
         (name, seed): PretrainJob(
             name, seed, str(path), str(ckpt), cfg.pretrain_config(seed), cfg.train
@@ -81,6 +71,28 @@ def prepare(cfg: BenchConfig, pool: cf.Executor) -> tuple[list[Prepared], dict[s
     for fut in [pool.submit(pretrain_job, job) for job in todo.values()]:
         fut.result()
     return [_prepared(cfg, n, p, n in built, todo) for n, p in data.items()], skipped
+
+
+def build_sequences(
+    cfg: BenchConfig, pool: cf.Executor | None
+) -> tuple[dict[str, Path], set[str], dict[str, str]]:
+    """({sequence: cached clips}, sequences built now, {skipped sequence: why}); clips are
+    generated in ``pool``, else in a new pool of long-lived processes (one start-up each,
+    not one per chunk)."""
+    model, data, skipped = preset(cfg.train.preset), {}, {}
+    missing = [name for name in cfg.sequences if not _cache_hit(cfg, name)]
+    level = logging.getLogger().getEffectiveLevel()
+    reuse = dataclasses.replace(cfg, fresh_processes=False)
+    own = missing and pool is None
+    with make_pool(reuse, level) if own else contextlib.nullcontext(pool) as workers:
+        for name in cfg.sequences:
+            try:
+                seq_cfg = _sequence_config(cfg, name)
+                data[name] = cached_sequence(name, seq_cfg, model, cfg.cache_dir, workers)
+            except MissingRecordings as err:
+                logger.error("%s skipped: %s", name, err)
+                skipped[name] = str(err)
+    return data, set(missing) & set(data), skipped
 
 
 def _cache_hit(cfg: BenchConfig, name: str) -> bool:

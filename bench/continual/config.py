@@ -123,5 +123,8 @@ def full_config(**overrides: Any) -> BenchConfig:
     cfg = BenchConfig(
         mode="full",
         seeds_by_sequence={"synthetic": (0, 1, 2), "avdigits": (0,)},
+        # diagnostics cost ~4 s per task set per evaluation at tiny: flava only (its ablations
+        # report frac_excluded from their steps)
+        probe_methods=("flava",),
     )
     return dataclasses.replace(cfg, **overrides)

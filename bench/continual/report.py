@@ -84,6 +84,9 @@ def paired_table(seq: dict[str, Any]) -> list[str]:
     return _table(head, rows)
 
 
+_AVM_COLUMNS = ("match_acc", "auc", "auc_shuffled", "object_recall")
+
+
 def diagnostics_table(seq: dict[str, Any]) -> list[str]:
     """AVM per task (mean over seeds): after pretraining, then after each task (FLAVA family)."""
     pre = seq["pretrain"]["unseen_avm_per_task"]
@@ -96,11 +99,7 @@ def diagnostics_table(seq: dict[str, Any]) -> list[str]:
         "object recall",
         "excluded by corr.",
     ]
-    rows = [
-        ["(pretrained)", "–"]
-        + [_list(pre[k]) for k in ("match_acc", "auc", "auc_shuffled", "object_recall")]
-        + ["–"]
-    ]
+    rows = [["(pretrained)", "–"] + [_list(pre[k]) for k in _AVM_COLUMNS] + ["–"]]
     for method, agg in seq["methods"].items():
         probes = agg["avm_after_tasks"]
         if method not in FLAVA_FAMILY or not probes:
@@ -108,11 +107,8 @@ def diagnostics_table(seq: dict[str, Any]) -> list[str]:
         excluded = np.mean(
             [[t["frac_excluded"] for t in ts] for ts in agg["tasks"].values()], axis=0
         )
-        for l in range(len(probes["match_acc"])):
-            figures = [
-                _list(probes[k][l]) for k in ("match_acc", "auc", "auc_shuffled", "object_recall")
-            ]
-            rows.append([method, f"T{l + 1}", *figures, f"{excluded[l]:.3f}"])
+        for after, row in enumerate(zip(*(probes[k] for k in _AVM_COLUMNS), strict=True)):
+            rows.append([method, f"T{after + 1}", *map(_list, row), f"{excluded[after]:.3f}"])
     return _table(head, rows)
 
 
@@ -242,9 +238,21 @@ def table_markdown(report: dict[str, Any]) -> str:
         out += main_table(seq, "instance") + [""]
         out += ["Paired over seeds (ours - theirs; F and A of instance a→v):", ""]
         out += paired_table(seq) + [""]
-        out += ["AVM diagnostics on each task's held-out set (mean over seeds):", ""]
+        out += [
+            "AVM diagnostics on each task's held-out set, T1 / T2 / ... (mean over seeds): "
+            "matching accuracy (chance 0.5), localization AUC of I_v, object vs distractor "
+            "tokens (chance 0.5), the same with another clip's audio (control, should be near "
+            "0.5), object recall of the top-half candidates (chance 0.5), share of candidate "
+            "tokens excluded by correlation (step mean over the task):",
+            "",
+        ]
         out += diagnostics_table(seq) + [""]
-        out += ["Secondary view, label level (same class / shape inside one task's gallery):", ""]
+        out += [
+            "Secondary view, label level: a hit is any clip of the query's class (synthetic) / "
+            "sounding shape (localized) inside its own task's gallery; chance is the share of "
+            "that gallery with the query's label, not K / N. Not the protocol's figure.",
+            "",
+        ]
         out += main_table(seq, "label") + [""]
         out += ["Efficiency during the runs (parallel runs, shared machine):", ""]
         out += efficiency_table(seq) + [""]

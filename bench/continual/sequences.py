@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from worker.core.files import atomic_torch_save
 from worker.core.media import MediaConfig, decode_clip, frame_times
 from worker.core.model import ModelConfig
 from worker.core.synthetic import ClipSpec, StreamConfig, clip_tracks, make_clip
+
+logger = logging.getLogger(__name__)
 
 SEQUENCES = ("localized", "synthetic", "avdigits")
 _CHUNK = 16  # clips per generation job
@@ -217,9 +220,11 @@ def build_synthetic(
 
 
 def _clip_chunk(args: tuple[Callable[..., dict[str, Tensor]], list[Any], tuple]) -> list[dict]:
+    """Clips of a chunk of specs as numpy arrays (tensors would travel as shared-memory file
+    descriptors, which die with a worker process that exits after the job)."""
     torch.set_num_threads(1)
     make, specs, extra = args
-    return [make(s, *extra) for s in specs]
+    return [{k: v.numpy() for k, v in make(s, *extra).items()} for s in specs]
 
 
 def generate(
@@ -232,7 +237,7 @@ def generate(
     jobs = [(make, specs[i : i + _CHUNK], extra) for i in range(0, len(specs), _CHUNK)]
     results = pool.map(_clip_chunk, jobs) if pool else map(_clip_chunk, jobs)
     clips = [c for chunk in results for c in chunk]
-    return ClipSet(**{k: torch.stack([c[k] for c in clips]) for k in clips[0]})
+    return ClipSet(**{k: torch.from_numpy(np.stack([c[k] for c in clips])) for k in clips[0]})
 
 
 def build_digits(cfg: AVDigitsConfig, model: ModelConfig, pool: cf.Executor | None) -> SequenceData:
@@ -268,6 +273,7 @@ def cached_sequence(
         seq = BUILDERS[name](seq_cfg, model, pool)
         seq.build_seconds = time.perf_counter() - start
         save_sequence(seq, path)
+        logger.info("%s: clips built in %.0f s -> %s", name, seq.build_seconds, path)
     return path
 
 
