@@ -63,9 +63,7 @@ def run_pretrain(job: PretrainJob, argv: list[str] | None = None) -> int:
     unseen = _unseen_accuracy(result, cfg, data["unseen"])
     card = _card(job, cfg, result.log, unseen, argv, time.perf_counter() - started)
     path = write_weights(result, job.out / f"{job.preset}.pt", card)
-    print(
-        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), card {path.with_suffix('.json')}"
-    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), card {path.with_suffix('.json')}")
     print(
         f"AVM held-out matching accuracy: pretraining scenes {card['avm']['heldout_acc']:.3f},"
         f" unseen tasks {card['avm']['unseen_acc']:.3f} (chance 0.5)"
@@ -146,6 +144,8 @@ def write_weights(result: Any, path: Path, card: dict[str, Any]) -> Path:
             "method": "flava",
             "model": {k: v.half() for k, v in result.model.items()},
             "extra_modules": {f"avm.{k}": v.half() for k, v in result.avm.items()},
+            # the gate starts at the AVM's accuracy on tasks it was not pretrained on
+            "avm_heldout_acc": float(card["avm"]["unseen_acc"]),
         }
     }
     atomic_torch_save(state, path)

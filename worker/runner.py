@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import wire
 from worker import telemetry
+from worker.builtin import resolve_init_weights
 from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip
@@ -374,8 +375,9 @@ class Worker:
         """Resume from the newest checkpoint; else warm-start from ``init_weights`` if set."""
         path = latest_checkpoint(self.settings.checkpoint_dir)
         if path is None:
-            if self.settings.init_weights:
-                warm_start(self.learner, self.settings.init_weights)
+            init = resolve_init_weights(self.settings.init_weights, self.settings.preset)
+            if init is not None:
+                warm_start(self.learner, init)
             return False
         state = load_checkpoint(path)
         if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):

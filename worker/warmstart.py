@@ -6,7 +6,10 @@ file when its checkpoint directory is empty. Accepted, all loaded with
 ``torch.load(weights_only=True)`` (tensors and plain containers only):
 
 - our own checkpoints (``{"learner": {...}}``) or learner state dicts (``{"model": ...}``):
-  backbone and AVM weights; optimizer, replay memory and counters start fresh;
+  backbone and AVM weights; optimizer, replay memory and counters start fresh. A file made
+  by ``flava pretrain`` also carries its AVM's held-out matching accuracy
+  (``avm_heldout_acc``): FLAVA's selection gate starts there, so selection is on from the
+  first update when the pretrained AVM is above the gate;
 - CAV-MAE or STELLA checkpoints (their key names; see worker/core/convert.py), with the
   STELLA authors' AVM (``module.avmatching_module.*``) when the learner has an AVM.
 """
@@ -55,6 +58,8 @@ def _load_ours(learner: Learner, state: dict[str, Any]) -> WarmStart:
     if extra and "avm" in learner.extra_modules:
         learner.extra_modules.load_state_dict(extra, strict=False)
     avm = len(extra) if "avm" in learner.extra_modules else 0
+    if avm and "avm_heldout_acc" in state:  # written by `flava pretrain`
+        learner.trust_alignment(float(state["avm_heldout_acc"]))
     return WarmStart("flava-stream", len(state["model"]), avm)
 
 

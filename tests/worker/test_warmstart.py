@@ -46,3 +46,27 @@ def test_refuses_a_pickled_object(tmp_path):
     torch.save([1, 2, 3], tmp_path / "x.pt")
     with pytest.raises(ValueError, match="state dict"):
         warm_start(learner("finetune", 0), tmp_path / "x.pt")
+
+
+def test_pretrained_file_with_heldout_accuracy_opens_the_gate_at_once(tmp_path):
+    """A `flava pretrain` file carries its AVM's held-out accuracy: above the gate, FLAVA
+    selects patches from update 1; below it, the gate starts there and stays closed."""
+    from worker.core.learner import LearnerConfig, build_learner
+    from worker.core.model import preset
+
+    source = build_learner("flava", preset("tiny"), LearnerConfig(memory_size=4))
+    for acc, on in ((0.9, True), (0.6, False)):
+        state = {
+            "learner": {
+                "model": source.model.state_dict(),
+                "extra_modules": source.extra_modules.state_dict(),
+                "avm_heldout_acc": acc,
+            }
+        }
+        torch.save(state, tmp_path / "pre.pt")
+        learner = build_learner("flava", preset("tiny"), LearnerConfig(memory_size=4))
+        warm_start(learner, tmp_path / "pre.pt")
+        gate = learner.selection_state()
+        assert gate.on is on and gate.avm_accuracy_ema == acc
+        if on:
+            assert gate.selection_step == 0  # on before the first update

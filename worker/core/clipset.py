@@ -78,6 +78,8 @@ def to_batch(clips: ClipSet, idx: Tensor) -> Batch:
 
 def batch_order(n: int, steps: int, batch: int, rng: np.random.Generator) -> Tensor:
     """(steps, batch) clip indices: shuffled epochs over n clips, back to back."""
+    if steps <= 0:
+        return torch.zeros(0, batch, dtype=torch.int64)
     epochs = math.ceil(steps * batch / n)
     order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
     return torch.from_numpy(order[: steps * batch].reshape(steps, batch))

@@ -215,6 +215,12 @@ class Flava(ReplayLearner):
         embeddings, self._step_embeddings = self._step_embeddings, None
         return embeddings
 
+    def trust_alignment(self, heldout_acc: float) -> None:
+        """Start the gate's EMA at the pretrained AVM's held-out accuracy: selection is on
+        from the first update when that passes ``warmup_acc``, as in the paper."""
+        self.gate.acc_ema = float(heldout_acc)
+        self.gate.check(self.step_count)
+
     def selection_state(self) -> SelectionState:
         return self.gate.state()
 

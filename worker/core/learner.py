@@ -221,6 +221,10 @@ class Learner:
         """The patch-selection gate of methods that have one; None for the others."""
         return None
 
+    def trust_alignment(self, heldout_acc: float) -> None:
+        """Pretrained alignment weights were loaded whose AVM scored ``heldout_acc`` matching
+        accuracy on held-out clips: methods with a gate start it there (no-op here)."""
+
     # -- shared machinery ---------------------------------------------------------------
 
     def parameters(self) -> Iterator[nn.Parameter]:
