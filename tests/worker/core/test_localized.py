@@ -148,8 +148,25 @@ def test_same_hue_gives_same_pitch_across_tasks_and_splits():
         for spec in _specs(task, 5) + _specs(task, 5, "heldout"):
             f = scene_factors(spec, CFG)
             assert f["pitch_hz"] == pytest.approx(hue_to_pitch(CFG, f["hue"]))
-            by_hue[round(f["hue"], 12)] = f["pitch_hz"]
-    assert len(by_hue) == 50  # all distinct hues, so the map is a function of hue alone
+            assert by_hue.setdefault(round(f["hue"], 12), f["pitch_hz"]) == f["pitch_hz"]
+    # hues come in levels: several clips share one, and every level sounds the same pitch
+    assert 4 < len(by_hue) <= CFG.hue_levels
+
+
+def test_hue_levels_are_level_centres_inside_each_task_band():
+    from worker.core.localized import snap_hue, task_style
+
+    width = CFG.hue_span / CFG.hue_levels
+    for task in range(CFG.num_tasks):
+        lo, hi = task_style(CFG, task).hue_band
+        for spec in _specs(task, 6):
+            hue = scene_factors(spec, CFG)["hue"]
+            assert lo < hue < hi
+            assert (hue / width - 0.5) == pytest.approx(round(hue / width - 0.5))
+    continuous = LocalizedConfig(hue_levels=0)
+    assert snap_hue(continuous, 0.1234) == 0.1234
+    with pytest.raises(ValueError):
+        LocalizedConfig(hue_levels=10)  # not a multiple of num_tasks: levels straddle bands
 
 
 @pytest.mark.parametrize("task", [-1, 0, 2, 3])
