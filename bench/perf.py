@@ -281,7 +281,7 @@ def step_flops_child(preset_name: str, batch: int) -> dict[str, float]:
     return out
 
 
-# the stages of Flava.step (worker/core/methods.py) and what they call, for the profile
+# the stages of Flava.step (worker/core/flava.py) and what they call, for the profile
 FLAVA_STAGES = (
     "alignment_pass",
     "forward_modality",
@@ -316,7 +316,7 @@ def step_profile_child(preset_name: str, batch: int, warmup: int, reps: int) -> 
     out = {"step": 0.0, **dict.fromkeys(FLAVA_STAGES, 0.0)}
     for (path, _, name), (_, _, _, cumulative, _) in rows.items():
         if name in out and ("worker/core" in path or name == "step"):
-            key = "step" if name == "step" and "methods.py" in path else name
+            key = "step" if name == "step" and "flava.py" in path else name
             out[key] = max(out[key], cumulative / reps)
     return out
 
