@@ -54,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole service on an embedded Redis, end to end")
     demo.add_argument("--segments", type=int, default=3)
-    demo.add_argument("--clips-per-segment", type=int, default=48)
-    demo.add_argument("--probes-per-segment", type=int, default=16)
+    demo.add_argument("--clips-per-segment", type=int, default=96)
+    demo.add_argument("--probes-per-segment", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0, help="the stream's clips")
+    demo.add_argument("--report-json", type=Path, default=None, help="write the report here")
     demo.add_argument("--method", default=None, help="continual method (default: worker's)")
     demo.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     demo.set_defaults(run=_demo)
@@ -153,6 +155,8 @@ def _demo(args) -> int:
         probes_per_segment=args.probes_per_segment,
         method=args.method,
         workdir=args.workdir,
+        seed=args.seed,
+        report_json=args.report_json,
     )
     return run_demo(cfg)
 

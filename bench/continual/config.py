@@ -109,7 +109,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
         ),
         probe_methods=("flava",),
         train=TrainConfig(steps_per_task=2, batch=4, memory_size=8, eval_chunk=16),
-        pretrain=PretrainConfig(steps=3, avm_steps=3, batch=4),
+        pretrain=PretrainConfig(steps=3, avm_steps=3, batch=4, avm_batch=4),
         fresh_processes=False,
         efficiency=None,
         out_dir=RESULTS / "continual" / "quick",
