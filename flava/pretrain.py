@@ -31,7 +31,7 @@ class PretrainJob:
     """What ``flava pretrain`` builds and where it writes."""
 
     preset: str = "tiny"  # model preset
-    train_clips: int = 512  # pretraining scenes (task -1, train split)
+    train_clips: int = 2048  # pretraining scenes (task -1, train split); 512 overfit the AVM
     heldout_clips: int = 64  # held-out pretraining scenes (the card's AVM accuracy)
     unseen_per_task: int = 32  # held-out scenes per task, never trained on here
     data_seed: int = PRETRAIN_DATA_SEED
@@ -166,7 +166,7 @@ def _card(
     curve = log_["avm_train_acc"]
     return {
         "preset": job.preset,
-        "command": "flava pretrain " + shlex.join(argv or []),
+        "command": " ".join(["flava pretrain", *([shlex.join(argv)] if argv else [])]),
         "code_commit": _git_commit(),
         "data": {
             "generator": "worker/core/localized.py (pretraining split, task -1)",
