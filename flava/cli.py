@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (run from the repository root)")
     benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
     continual = benches.add_parser(
-        "continual", help="every continual method side by side (bench/continual.py)"
+        "continual", help="every continual method side by side (bench/continual/)"
     )
     continual.add_argument("--mode", choices=("quick", "full"), default="quick")
     continual.add_argument("options", nargs=argparse.REMAINDER, help="see bench.continual -h")
