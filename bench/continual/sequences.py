@@ -65,7 +65,7 @@ class LocalizedSetConfig:
     scene: localized.LocalizedConfig = field(default_factory=localized.LocalizedConfig)
     train_per_task: int = 192  # training clips per task
     eval_per_task: int = 64  # held-out retrieval clips per task
-    pretrain_train: int = 2048  # pretraining clips (task -1: the whole range of the rule)
+    pretrain_train: int = 512  # pretraining clips (task -1); 2,048 left the AVM at chance
     pretrain_eval: int = 64  # held-out pretraining clips
     seed: int = 0  # fixes every scene
 
