@@ -187,7 +187,8 @@ def _card(
             "final_train_acc": _tail_mean(curve),
         },
         "backbone_final_loss": _tail_mean(log_["backbone_loss"]),
-        "seconds": round(seconds, 1),
+        # wall time of this invocation: a resumed run counts from its resume only
+        "seconds_this_invocation": round(seconds, 1),
     }
 
 
