@@ -105,6 +105,9 @@ def markdown(summary: dict) -> str:
         f"- builtin AVM matching accuracy on the probes: {summary['avm_matching_acc']}",
         f"- wall time per demo (s): {summary['wall_seconds']}",
         f"- targets: {summary['targets']}",
+        "",
+        "Where a target is missed, the measurements that explain it (the AVM's localisation"
+        " and the backbone's retrieval at this CPU budget) are in docs/localized.md.",
     ]
     return "\n".join(lines) + "\n"
 
