@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m flava demo
 
+# the tests also need redis-server and prometheus: installed if missing, Redis started
 test: $(STAMP)
+	scripts/test-deps.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""The continual benchmark: the paper's protocol (docs/architecture.md; DESIGN section 5) on
+"""The continual benchmark: the paper's protocol (docs/architecture.md; docs/design.md section 5) on
 data we can generate here.
 
 Per task sequence (``localized``, ``synthetic``, AV-Digits; sequences.py):

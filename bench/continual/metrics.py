@@ -1,4 +1,4 @@
-"""The protocol's figures (DESIGN section 5, docs/benchmarks.md): retrieval recall with
+"""The protocol's figures (docs/design.md section 5): retrieval recall with
 instance-level hits over the union gallery, A and F of an accuracy matrix, the localization
 AUC, and paired tests over seeds.
 
@@ -77,7 +77,7 @@ def average_accuracy(R: Sequence[Sequence[float]]) -> float:
 
 
 def forgetting(R: Sequence[Sequence[float]]) -> float:
-    """F = 1/(T-1) sum_{k<T} max_{l<T} (R[l][k] - R[T][k]), DESIGN section 5 (1-based l, k).
+    """F = 1/(T-1) sum_{k<T} max_{l<T} (R[l][k] - R[T][k]), docs/design.md section 5 (1-based l, k).
 
     Rows are the evaluations after tasks 1..T; NaN when T < 2.
     """

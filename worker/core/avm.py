@@ -8,7 +8,7 @@ z_a (B, La, D) and z_v (B, Lv, D). Shapes used throughout:
     S_av = Q_a K_v^T / sqrt(d): (B, H, La, Lv)   (audio queries attend video keys),
     S_va = Q_v K_a^T / sqrt(d): (B, H, Lv, La).
 
-It serves two purposes (DESIGN section 3):
+It serves two purposes (docs/design.md section 3):
 - trained every step with a binary matching loss (true pair vs. deranged video), on detached
   backbone tokens so only the AVM learns from it;
 - without gradients, it scores every token: I_v[j] = 1/(H La) sum_h sum_i softmax_j(S_av/tau),

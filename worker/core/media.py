@@ -1,6 +1,6 @@
 """Decode clip bytes (any container/codec FFmpeg reads) into model inputs.
 
-``decode_clip(bytes) -> Clip`` gives the CAV-MAE inputs (DESIGN.md section 2):
+``decode_clip(bytes) -> Clip`` gives the CAV-MAE inputs (docs/design.md section 2):
 
 Audio and video of one example come from the **same time span** (the aligned window,
 ``example_window``; docs/media.md states it per preset):

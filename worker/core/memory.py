@@ -2,7 +2,7 @@
 
 Entries are stored field by field in tensors preallocated on the first `add`: one tensor per
 field of shape (capacity, *per-clip shape), with the first add's dict keys as the fields and
-its dtypes kept. What FLAVA stores per clip (DESIGN section 4):
+its dtypes kept. What FLAVA stores per clip (docs/design.md section 4):
 
     fbank (T, F) and frames (frames, 3, H, W)  the clip itself,
     emb_a, emb_v (D,)                          pooled unimodal embeddings at storage time,

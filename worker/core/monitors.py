@@ -1,6 +1,6 @@
 """Drift and forgetting monitors: plain tensors in, plain numbers out (no Redis, no Prometheus).
 
-Drift (DESIGN.md section 7): per modality, MMD^2 and mean shift between a *reference*
+Drift (docs/design.md section 7): per modality, MMD^2 and mean shift between a *reference*
 window and the *recent* window of the embeddings of incoming clips, plus the drift of two
 model-free input statistics:
 
@@ -16,7 +16,7 @@ mixes input drift with the model's own change; the input statistics see input dr
 
 Forgetting: ``ForgettingTracker`` keeps, per window (task), the history of retrieval
 recall on that window's held-out probes (R@K in percent, as ``recall_at_k``) and their
-reconstruction loss; forgetting = best-so-far minus current (DESIGN.md section 5).
+reconstruction loss; forgetting = best-so-far minus current (docs/design.md section 5).
 
 Both monitors have ``state_dict`` / ``load_state_dict`` made of tensors and plain containers
 only (what ``torch.load(weights_only=True)`` accepts), so the worker's checkpoint carries

@@ -1,4 +1,4 @@
-"""Replay baselines behind the ``Learner`` seam (DESIGN section 5): ER, DER++, LUMP.
+"""Replay baselines behind the ``Learner`` seam (docs/design.md section 5): ER, DER++, LUMP.
 
 Registered names:
 

@@ -1,4 +1,4 @@
-"""Forget-robust patch selection (DESIGN section 4): plain functions over tensors.
+"""Forget-robust patch selection (docs/design.md section 4): plain functions over tensors.
 
 Conventions: B clips, L tokens of one modality, H heads, d head width. Token indices are
 (B, K) int64 into the modality's full token sequence; audio tokens are time-major

@@ -21,7 +21,7 @@ RATE = 16000
 
 
 def reference_fbank(waveform: np.ndarray, num_bins: int) -> np.ndarray:
-    """kaldi-native-fbank with the options DESIGN.md section 2 gives, (frames, num_bins)."""
+    """kaldi-native-fbank with the options docs/design.md section 2 gives, (frames, num_bins)."""
     opts = knf.FbankOptions()
     frame = opts.frame_opts
     frame.samp_freq, frame.dither, frame.window_type = RATE, 0.0, "hanning"
