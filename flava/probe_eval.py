@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from worker.core.clipset import ClipSet, chunks, to_batch, uint8_frames
+from worker.core.clipset import ClipSet, embed_clips, uint8_frames
 from worker.core.learner import Learner, LearnerConfig, build_learner
 from worker.core.media import decode_clip
 from worker.core.model import preset as model_preset
@@ -61,15 +60,9 @@ def learner_from_weights(path: Path, method: str, preset: str) -> Learner:
     return learner
 
 
-@torch.no_grad()
-def embed_all(learner: Learner, clips: ClipSet, chunk: int = 32) -> tuple[Tensor, Tensor]:
-    parts = [learner.embed(to_batch(clips, idx)) for idx in chunks(len(clips), chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
 def segment_r1(learner: Learner, probes: ProbeSet) -> dict[str, dict[str, float]]:
     """{segment: {"r1_a2v", "r1_v2a"}} in %, instance-level over the union of all probes."""
-    a, v = embed_all(learner, probes.clips)
+    a, v = embed_clips(learner, probes.clips)
     res = recall_by_group(a, v, probes.clips.labels, ks=(1,))
     return {
         probes.names[g]: {"r1_a2v": r["a2v"]["r1"], "r1_v2a": r["v2a"]["r1"]}

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
-from worker.core.retrieval import recall_at_k
+from worker.core.retrieval import recall_at_k, recall_by_group
 
 KS = (1, 5, 10)
 DIRECTIONS = ("a2v", "v2a")
@@ -28,17 +28,6 @@ VIEWS = ("instance", "label")  # headline first; "label" is the secondary view
 # -- retrieval ---------------------------------------------------------------------------------
 
 
-def instance_recall(sim: Tensor, targets: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """R@k (percent) of queries whose own item (``targets[i]``, a gallery index) is among the
-    k most similar of ``sim[i]`` (one row per query over the whole gallery); "avg" = mean."""
-    k_max = min(max(ks), sim.shape[1])
-    top = sim.topk(k_max, dim=1).indices  # (Nq, k_max)
-    hits = top == targets[:, None]
-    out = {f"r{k}": 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}
-    out["avg"] = sum(out.values()) / len(ks)
-    return out
-
-
 def chance(gallery: int, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Instance-level R@k of a random ranking: one correct item among ``gallery``: k / N."""
     out = {f"r{k}": 100.0 * min(k, gallery) / gallery for k in ks}
@@ -47,20 +36,17 @@ def chance(gallery: int, ks: tuple[int, ...] = KS) -> dict[str, float]:
 
 
 def union_retrieval(a: Tensor, v: Tensor, groups: Sequence[Tensor]) -> list[dict[str, Any]]:
-    """Instance-level recall of each group's queries against the union gallery of all clips.
+    """Instance-level recall of each group's queries against the union gallery of all clips
+    (``worker.core.retrieval.recall_by_group``).
 
     a, v: (N, D) audio / video embeddings of the same N clips (row i is a pair); ``groups``:
     index tensors (one per task's held-out set) partitioning 0..N-1. Returns one
-    ``{"a2v": recall, "v2a": recall}`` per group."""
-    a_n, v_n = F.normalize(a.float(), dim=-1), F.normalize(v.float(), dim=-1)
-    sim = a_n @ v_n.t()  # (N, N): audio i vs video j
-    return [
-        {
-            "a2v": instance_recall(sim[idx], idx),
-            "v2a": instance_recall(sim.t()[idx], idx),
-        }
-        for idx in groups
-    ]
+    ``{"a2v": recall, "v2a": recall}`` per group, in order."""
+    labels = torch.empty(a.shape[0], dtype=torch.int64)
+    for g, idx in enumerate(groups):
+        labels[idx] = g
+    by_group = recall_by_group(a, v, labels, KS)
+    return [by_group[g] for g in range(len(groups))]
 
 
 def label_retrieval(a: Tensor, v: Tensor, labels: Tensor) -> dict[str, Any]:

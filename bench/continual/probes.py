@@ -9,21 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from bench.continual.metrics import clip_aucs, label_retrieval, union_retrieval
 from worker.core.avm import derangement
-from worker.core.clipset import ClipSet, chunks, to_batch
+from worker.core.clipset import ClipSet, chunks, embed_clips, to_batch
 from worker.core.learner import Learner
 from worker.core.model import AVMAE
 from worker.core.pretrain import avm_matching_accuracy
-
-
-@torch.no_grad()
-def embed_set(learner: Learner, clips: ClipSet, chunk: int = 32) -> tuple[Tensor, Tensor]:
-    """Retrieval embeddings of every clip: (N, D) audio, (N, D) video."""
-    parts = [learner.embed(to_batch(clips, idx)) for idx in chunks(len(clips), chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def evaluate(learner: Learner, sets: Sequence[ClipSet], chunk: int = 32) -> dict[str, Any]:
@@ -32,7 +25,7 @@ def evaluate(learner: Learner, sets: Sequence[ClipSet], chunk: int = 32) -> dict
     ``instance``: per set, its queries against the union of all sets (the headline);
     ``label``: per set, label-level hits inside its own gallery (secondary view);
     ``gallery``: the union gallery's size."""
-    embs = [embed_set(learner, clips, chunk) for clips in sets]
+    embs = [embed_clips(learner, clips, chunk) for clips in sets]
     a, v = torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs])
     bounds = np.cumsum([0] + [len(s) for s in sets])
     groups = [torch.arange(int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)]

@@ -32,16 +32,16 @@ from torch import Tensor
 
 from bench.avdigits import AVDigitsConfig, build_avdigits
 from worker.core import localized
-from worker.core.clipset import ClipSet, uint8_frames
+from worker.core.clipset import ClipSet, build_clipset, uint8_frames
 from worker.core.files import atomic_torch_save
 from worker.core.media import MediaConfig, decode_clip, frame_times
 from worker.core.model import ModelConfig
+from worker.core.scenes import scene_tensors
 from worker.core.synthetic import ClipSpec, StreamConfig, clip_tracks, make_clip
 
 logger = logging.getLogger(__name__)
 
 SEQUENCES = ("localized", "synthetic", "avdigits")
-_CHUNK = 16  # clips per generation job
 
 
 @dataclass
@@ -70,23 +70,6 @@ class LocalizedSetConfig:
     seed: int = 0  # fixes every scene
 
 
-def localized_clip(
-    spec: localized.SceneSpec, cfg: localized.LocalizedConfig, media: MediaConfig, patch: int
-) -> dict[str, Tensor]:
-    """One scene through real MP4 bytes: fbank, uint8 frames, label, ground-truth masks."""
-    clip = decode_clip(localized.make_scene_clip(spec, cfg), media)
-    masks = localized.scene_masks(spec, cfg, media, patch)
-    shape = localized.scene_objects(spec, cfg)[0].shape  # the sounding object's shape
-    return {
-        "fbank": clip.fbank,
-        "frames": uint8_frames(clip),
-        "labels": torch.tensor(localized.LOCALIZED_SHAPES.index(shape)),
-        "objects": masks.object_v,
-        "distractors": masks.distractor_v & ~masks.object_v,
-        "objects_a": masks.object_a,
-    }
-
-
 def build_localized(
     cfg: LocalizedSetConfig, model: ModelConfig, pool: cf.Executor | None
 ) -> SequenceData:
@@ -95,7 +78,7 @@ def build_localized(
 
     def clips(task: int, n: int, split: str) -> ClipSet:
         specs = localized.scene_specs(cfg.scene, task, n, cfg.seed, split)
-        return generate(localized_clip, specs, (cfg.scene, media, patch), pool)
+        return build_clipset(scene_tensors, specs, (cfg.scene, media, patch), pool)
 
     pretrain = (clips(-1, cfg.pretrain_train, "train"), clips(-1, cfg.pretrain_eval, "heldout"))
     tasks = [
@@ -200,7 +183,7 @@ def build_synthetic(
 
     def clips(segment: int, classes: list[int], n: int, split: int) -> ClipSet:
         specs = synthetic_specs(segment, classes, n, cfg.seed, split)
-        return generate(synthetic_clip, specs, (stream, media, patch), pool)
+        return build_clipset(synthetic_clip, specs, (stream, media, patch), pool)
 
     pre_seg = cfg.num_tasks
     pretrain = (
@@ -217,27 +200,6 @@ def build_synthetic(
 # ---------------------------------------------------------------------------------------------
 # generation, AV-Digits, cache
 # ---------------------------------------------------------------------------------------------
-
-
-def _clip_chunk(args: tuple[Callable[..., dict[str, Tensor]], list[Any], tuple]) -> list[dict]:
-    """Clips of a chunk of specs as numpy arrays (tensors would travel as shared-memory file
-    descriptors, which die with a worker process that exits after the job)."""
-    torch.set_num_threads(1)
-    make, specs, extra = args
-    return [{k: v.numpy() for k, v in make(s, *extra).items()} for s in specs]
-
-
-def generate(
-    make: Callable[..., dict[str, Tensor]],
-    specs: list[Any],
-    extra: tuple,
-    pool: cf.Executor | None,
-) -> ClipSet:
-    """``make(spec, *extra)`` for every spec (chunks in ``pool`` when given) into a ClipSet."""
-    jobs = [(make, specs[i : i + _CHUNK], extra) for i in range(0, len(specs), _CHUNK)]
-    results = pool.map(_clip_chunk, jobs) if pool else map(_clip_chunk, jobs)
-    clips = [c for chunk in results for c in chunk]
-    return ClipSet(**{k: torch.from_numpy(np.stack([c[k] for c in clips])) for k in clips[0]})
 
 
 def build_digits(cfg: AVDigitsConfig, model: ModelConfig, pool: cf.Executor | None) -> SequenceData:

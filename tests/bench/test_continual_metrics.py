@@ -13,28 +13,11 @@ from bench.continual.metrics import (
     chance,
     clip_aucs,
     forgetting,
-    instance_recall,
     matrix,
     paired_test,
     summarize,
     union_retrieval,
 )
-
-
-def test_instance_recall_counts_only_the_querys_own_item():
-    # 3 queries over a gallery of 4; targets 0, 1, 3
-    sim = torch.tensor(
-        [
-            [0.9, 0.1, 0.2, 0.3],  # own item (0) ranked 1st
-            [0.8, 0.7, 0.9, 0.1],  # own item (1) ranked 3rd
-            [0.5, 0.4, 0.3, 0.1],  # own item (3) ranked 4th
-        ]
-    )
-    r = instance_recall(sim, torch.tensor([0, 1, 3]), ks=(1, 2, 3))
-    assert r["r1"] == pytest.approx(100 / 3)
-    assert r["r2"] == pytest.approx(100 / 3)
-    assert r["r3"] == pytest.approx(200 / 3)
-    assert r["avg"] == pytest.approx((100 / 3 + 100 / 3 + 200 / 3) / 3)
 
 
 def test_union_gallery_queries_compete_with_every_tasks_items():

@@ -7,16 +7,20 @@ of where the sounding object is (token masks at the model's grid).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from worker.core.learner import Batch
+from worker.core.learner import Batch, Learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD, Clip
 
+_CHUNK = 16  # clips per generation job
 _MEAN = IMAGENET_MEAN.view(1, 1, 3, 1, 1)
 _STD = IMAGENET_STD.view(1, 1, 3, 1, 1)
 
@@ -88,3 +92,32 @@ def batch_order(n: int, steps: int, batch: int, rng: np.random.Generator) -> Ten
 def chunks(n: int, size: int) -> list[Tensor]:
     """Consecutive index ranges of at most ``size`` covering 0..n-1."""
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def embed_clips(learner: Learner, clips: ClipSet, chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """Retrieval embeddings of every clip: (N, D) audio, (N, D) video."""
+    parts = [learner.embed(to_batch(clips, idx)) for idx in chunks(len(clips), chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# make(spec, *extra) -> the ClipSet fields of one clip (0-dim label, masks, ...)
+ClipMaker = Callable[..., dict[str, Tensor]]
+
+
+def _make_chunk(args: tuple[ClipMaker, list[Any], tuple]) -> list[dict[str, np.ndarray]]:
+    """Clips of a chunk of specs as numpy arrays (tensors would travel between processes as
+    shared-memory file descriptors, which die with a worker process that exits after a job)."""
+    torch.set_num_threads(1)
+    make, specs, extra = args
+    return [{k: v.numpy() for k, v in make(s, *extra).items()} for s in specs]
+
+
+def build_clipset(
+    make: ClipMaker, specs: list[Any], extra: tuple, pool: cf.Executor | None = None
+) -> ClipSet:
+    """``make(spec, *extra)`` for every spec (chunks of 16 in ``pool`` when given)."""
+    jobs = [(make, specs[i : i + _CHUNK], extra) for i in range(0, len(specs), _CHUNK)]
+    results = pool.map(_make_chunk, jobs) if pool else map(_make_chunk, jobs)
+    clips = [c for part in results for c in part]
+    return ClipSet(**{k: torch.from_numpy(np.stack([c[k] for c in clips])) for k in clips[0]})

@@ -56,6 +56,7 @@ from worker.core.synthetic import (
     BACKGROUNDS,
     TEXTURES,
     TIMBRES,
+    ClipTiming,
     _add_noise,
     _luma_noise,
     _muted_colours,
@@ -78,7 +79,7 @@ SPLITS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
-class LocalizedConfig:
+class LocalizedConfig(ClipTiming):
     """The scenes, the rule's ranges, the drift and the encoding of the localized tasks."""
 
     seconds: float = 3.0  # clip length; covers the `tiny` preset's 2.56 s of audio
@@ -132,16 +133,6 @@ class LocalizedConfig:
             raise ValueError("need 0 < hue_span <= 1 and 0 <= floor < 1")
         if self.pitch_high * max(map(len, LOCALIZED_TIMBRES)) >= 0.45 * self.sample_rate:
             raise ValueError(f"pitch_high {self.pitch_high} Hz: partials pass 0.45 x Nyquist")
-
-    @property
-    def num_samples(self) -> int:
-        """Audio samples per clip."""
-        return round(self.seconds * self.sample_rate)
-
-    @property
-    def num_frames(self) -> int:
-        """Video frames per clip."""
-        return round(self.seconds * self.fps)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Each scene is rendered, encoded to MP4, decoded with ``decode_clip`` exactly as the worker
 decodes an upload (eval mode: the centred aligned window), and kept with its ground-truth
-token masks. Decoding runs in ``workers`` spawned processes (torch on one thread each).
+token masks. One function per scene (``scene_tensors``), used by ``flava pretrain`` and the
+continual benchmark alike.
 """
 
 from __future__ import annotations
@@ -13,26 +14,33 @@ import multiprocessing
 import torch
 from torch import Tensor
 
-from worker.core.clipset import ClipSet, uint8_frames
-from worker.core.localized import LocalizedConfig, SceneSpec, make_scene_clip, scene_masks
+from worker.core.clipset import ClipSet, build_clipset, uint8_frames
+from worker.core.localized import (
+    LOCALIZED_SHAPES,
+    LocalizedConfig,
+    SceneSpec,
+    make_scene_clip,
+    scene_masks,
+    scene_objects,
+)
 from worker.core.media import MediaConfig, decode_clip
-
-_Job = tuple[list[SceneSpec], LocalizedConfig, MediaConfig, int]
 
 
 def scene_tensors(
     spec: SceneSpec, cfg: LocalizedConfig, media: MediaConfig, patch: int
-) -> tuple[Tensor, ...]:
-    """fbank, uint8 frames, object_v, distractor_v, object_a of one scene."""
+) -> dict[str, Tensor]:
+    """The ClipSet fields of one scene; its label is the sounding object's shape."""
     clip = decode_clip(make_scene_clip(spec, cfg), media)
     masks = scene_masks(spec, cfg, media, patch)
-    return clip.fbank, uint8_frames(clip), masks.object_v, masks.distractor_v, masks.object_a
-
-
-def _chunk(job: _Job) -> list[tuple[Tensor, ...]]:
-    torch.set_num_threads(1)
-    specs, cfg, media, patch = job
-    return [scene_tensors(s, cfg, media, patch) for s in specs]
+    shape = scene_objects(spec, cfg)[0].shape
+    return {
+        "fbank": clip.fbank,
+        "frames": uint8_frames(clip),
+        "labels": torch.tensor(LOCALIZED_SHAPES.index(shape)),
+        "objects": masks.object_v,
+        "distractors": masks.distractor_v & ~masks.object_v,
+        "objects_a": masks.object_a,
+    }
 
 
 def scene_set(
@@ -42,15 +50,10 @@ def scene_set(
     patch: int,
     workers: int = 1,
 ) -> ClipSet:
-    """The scenes as one ClipSet (labels = task, -1 for pretraining scenes)."""
-    jobs = [(specs[i : i + 16], cfg, media, patch) for i in range(0, len(specs), 16)]
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = list(pool.map(_chunk, jobs))
-    else:
-        parts = [_chunk(j) for j in jobs]
-    rows = [row for part in parts for row in part]
-    fbank, frames, obj_v, dis_v, obj_a = (torch.stack(x) for x in zip(*rows, strict=True))
-    labels = torch.tensor([s.task for s in specs], dtype=torch.int64)
-    return ClipSet(fbank, frames, labels, obj_v, distractors=dis_v, objects_a=obj_a)
+    """The scenes as one ClipSet, decoded in ``workers`` spawned processes."""
+    extra = (cfg, media, patch)
+    if workers <= 1:
+        return build_clipset(scene_tensors, specs, extra)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return build_clipset(scene_tensors, specs, extra, pool)

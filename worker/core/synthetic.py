@@ -58,8 +58,26 @@ MPEG4_BIT_RATE = 600_000  # the mpeg4 fallback encodes at a fixed bit rate (it h
 # ---------------------------------------------------------------------------------------------
 
 
+class ClipTiming:
+    """Clip length in samples and frames, for configs with seconds, sample_rate and fps."""
+
+    seconds: float
+    sample_rate: int
+    fps: int
+
+    @property
+    def num_samples(self) -> int:
+        """Audio samples per clip."""
+        return round(self.seconds * self.sample_rate)
+
+    @property
+    def num_frames(self) -> int:
+        """Video frames per clip."""
+        return round(self.seconds * self.fps)
+
+
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(ClipTiming):
     seconds: float = 3.0  # clip length; covers the `tiny` preset's 2.56 s of audio
     fps: int = 10  # video frame rate
     size: int = 128  # frame height and width in pixels (even, for yuv420p)
@@ -88,16 +106,6 @@ class StreamConfig:
         top = class_pitch(self, self.num_classes - 1) * (1 + self.pitch_jitter)
         if top >= self.sample_rate / 4:
             raise ValueError(f"highest class pitch {top:.0f} Hz too close to Nyquist")
-
-    @property
-    def num_samples(self) -> int:
-        """Audio samples per clip."""
-        return round(self.seconds * self.sample_rate)
-
-    @property
-    def num_frames(self) -> int:
-        """Video frames per clip."""
-        return round(self.seconds * self.fps)
 
 
 @dataclass(frozen=True)
