@@ -35,6 +35,8 @@ PREFIX = "perf"
 RAW_PREFIX = "perf-raw"
 BLOB_TTL_S = 3600
 MAX_BACKLOG = 1_000_000
+MAX_BACKLOG_BYTES = 1 << 40  # the rounds measure ingest, never backpressure
+LIMITS = wire.IngestLimits(BLOB_TTL_S, MAX_BACKLOG, MAX_BACKLOG_BYTES)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Stack:
             "FLAVA_REDIS_URL": self.redis.url,
             "FLAVA_KEY_PREFIX": PREFIX,
             "FLAVA_MAX_BACKLOG": str(MAX_BACKLOG),
+            "FLAVA_MAX_BACKLOG_BYTES": str(MAX_BACKLOG_BYTES),
             "FLAVA_BLOB_TTL_S": str(BLOB_TTL_S),
             "FLAVA_METHOD": c.method,
             "FLAVA_PRESET": c.preset,
@@ -265,10 +268,8 @@ async def _raw_round(redis_url: str, payloads: list[bytes], concurrency: int):
     async def send(data) -> None:
         clip_id = hashlib.sha256(data).hexdigest()
         entry = wire.ClipEntry(clip_id, len(data), "video/mp4")
-        outcome, _ = await script(
-            keys=[keys.clip(clip_id), keys.blob(clip_id), keys.stream, keys.backlog],
-            args=[data, BLOB_TTL_S, MAX_BACKLOG, *wire.flatten(entry.to_fields())],
-        )
+        script_keys, args = wire.ingest_call(keys, entry, data, LIMITS)
+        outcome, *_ = await script(keys=script_keys, args=args)
         if outcome != b"queued":
             raise RuntimeError(f"raw ingest: {outcome!r}")
 

@@ -13,6 +13,9 @@ Layout (prefix ``flava`` by default):
 - ``{p}:emb:{id}``         hash: ``audio``/``video`` (float32 little-endian bytes), ``dim``,
                            ``model_version``, ``step``, ``method``, ``written_at``
 - ``{p}:backlog``          integer: entries accepted and not yet acked (backpressure)
+- ``{p}:backlog:bytes``    integer: the bytes of those entries (backpressure by size)
+- ``{p}:epoch``            string: "<id>@<created unix s>", this queue's identity; a Redis
+                           that lost its data gets a new one (:class:`QueueEpoch`)
 - ``{p}:model``            hash: ``version``, ``step``, ``method``, ``updated_at``
 - ``{p}:workers``          sorted set: consumer name -> last heartbeat (unix seconds)
 - ``{p}:monitor``          string: JSON summary of the worker's drift and forgetting monitors
@@ -25,6 +28,7 @@ entry acked without its embedding, nor a clip marked queued without a stream ent
 from __future__ import annotations
 
 import re
+import secrets
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +56,15 @@ class Keys:
     @property
     def backlog(self) -> str:
         return f"{self.prefix}:backlog"
+
+    @property
+    def backlog_bytes(self) -> str:
+        # the ack scripts derive it as backlog .. ':bytes', so their KEYS stay as they are
+        return f"{self.backlog}:bytes"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
 
     @property
     def model(self) -> str:
@@ -154,21 +167,85 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-# KEYS: clip, blob, stream, backlog. ARGV: blob, ttl_s, max_backlog, then entry fields.
-# Returns {"queued", entry_id} | {"duplicate", state} | {"full", backlog}.
+@dataclass(frozen=True)
+class QueueEpoch:
+    """The queue's identity, stored at ``Keys.epoch`` and created (SET NX) by whichever process
+    first needs it. A Redis that lost its data has lost this key too, so the next process
+    creates a new one: a client that holds the old id learns its clip vanished in a reset."""
+
+    id: str  # 16 hex characters, random
+    created_at: float  # unix seconds
+
+    @classmethod
+    def new(cls) -> QueueEpoch:
+        return cls(secrets.token_hex(8), time.time())
+
+    def encode(self) -> str:
+        return f"{self.id}@{self.created_at:.3f}"
+
+    @classmethod
+    def decode(cls, value: str | bytes) -> QueueEpoch:
+        epoch_id, _, created = _text(value).partition("@")
+        return cls(epoch_id, float(created or 0.0))
+
+
+EPOCH_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+
+# KEYS: clip, blob, stream, backlog, backlog_bytes, epoch.
+# ARGV: blob, ttl_s, max_backlog, max_backlog_bytes, new epoch, then entry fields.
+# Returns {outcome, detail, epoch}: {"queued", entry_id} | {"duplicate", state} |
+# {"full", backlog} | {"full_bytes", backlog bytes}; epoch is "" if none exists yet.
+# Only reads come before the first write, so a refused write (OOM, READONLY) changes nothing.
+# A dead-lettered clip is accepted again (its old hash dropped); any other state is a duplicate.
 INGEST_SCRIPT = """
+local epoch = redis.call('GET', KEYS[6]) or ''
 local state = redis.call('HGET', KEYS[1], 'state')
-if state then return {'duplicate', state} end
+if state and state ~= 'dead' then return {'duplicate', state, epoch} end
 local backlog = tonumber(redis.call('GET', KEYS[4]) or '0')
-if backlog >= tonumber(ARGV[3]) then return {'full', tostring(backlog)} end
+if backlog >= tonumber(ARGV[3]) then return {'full', tostring(backlog), epoch} end
+local bytes = tonumber(redis.call('GET', KEYS[5]) or '0')
+if bytes + #ARGV[1] > tonumber(ARGV[4]) then return {'full_bytes', tostring(bytes), epoch} end
+if epoch == '' then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[6], epoch)
+end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+if state then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'entry_id', id, unpack(fields))
 redis.call('INCR', KEYS[4])
-return {'queued', id}
+redis.call('INCRBY', KEYS[5], #ARGV[1])
+return {'queued', id, epoch}
 """
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """The INGEST script's limits (the API's settings; tests pass their own)."""
+
+    blob_ttl_s: int
+    max_backlog: int  # entries accepted and not yet acked
+    max_backlog_bytes: int  # their bytes
+
+
+def ingest_call(
+    keys: Keys, entry: ClipEntry, blob: bytes, limits: IngestLimits
+) -> tuple[list[str], list]:
+    """(KEYS, ARGV) of INGEST_SCRIPT for one clip, so no caller orders them by hand."""
+    cid = entry.clip_id
+    script_keys = [
+        keys.clip(cid),
+        keys.blob(cid),
+        keys.stream,
+        keys.backlog,
+        keys.backlog_bytes,
+        keys.epoch,
+    ]
+    args = [blob, limits.blob_ttl_s, limits.max_backlog, limits.max_backlog_bytes]
+    return script_keys, [*args, QueueEpoch.new().encode(), *flatten(entry.to_fields())]
+
 
 # KEYS: stream, clip, embedding, backlog, blob.
 # ARGV: group, entry_id, state, deliveries, emb fields.
@@ -183,6 +260,8 @@ redis.call('HSET', KEYS[2], 'state', ARGV[3], 'deliveries', ARGV[4])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   redis.call('DECR', KEYS[4])
+  local left = redis.call('DECRBY', KEYS[4] .. ':bytes', redis.call('HGET', KEYS[2], 'size') or 0)
+  if left < 0 then redis.call('SET', KEYS[4] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[5])
 end
@@ -200,6 +279,8 @@ redis.call('HSET', KEYS[3], 'state', 'dead', 'reason', ARGV[3])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   redis.call('DECR', KEYS[4])
+  local left = redis.call('DECRBY', KEYS[4] .. ':bytes', redis.call('HGET', KEYS[3], 'size') or 0)
+  if left < 0 then redis.call('SET', KEYS[4] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[5])
 end

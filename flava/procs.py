@@ -48,10 +48,17 @@ class RedisProcess:
     so a restart keeps every acknowledged write (``appendfsync="everysec"`` trades the last
     second for throughput, as most deployments do; the performance benchmarks use it)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, appendfsync: str = "always"):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        appendfsync: str = "always",
+        extra_args: tuple[str, ...] = (),
+    ):
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
+        self.extra_args = extra_args  # more redis-server options, e.g. ("--maxmemory", "2mb")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -78,6 +85,7 @@ class RedisProcess:
                 self.appendfsync,
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -18,7 +18,10 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -27,9 +30,13 @@ from contract import wire
 from service import metrics
 from service.probe import ProbeError, ProbeLimits, probe_clip
 from service.settings import ApiSettings
+from service.unavailable import unavailable
 
 log = logging.getLogger(__name__)
 
+# A pooled connection that Redis closed (a restart) fails once; reconnect and resend once, so
+# the first request after a restart is not a 503. A timeout is not retried (it may have run).
+RECONNECT_ONCE = Retry(ExponentialBackoff(cap=0.25, base=0.05), 1, (RedisConnectionError,))
 RAW_TYPES = ("video/", "audio/", "application/octet-stream", "application/mp4")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 INGEST_OPENAPI = {  # the body is read by hand (size cap, raw or multipart), so describe it here
@@ -90,7 +97,7 @@ def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | Non
     settings = settings or ApiSettings()
     own_client = client is None
     client = client or aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, retry=RECONNECT_ONCE
     )
 
     @asynccontextmanager
@@ -101,18 +108,25 @@ def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | Non
 
     app = FastAPI(title="flava-stream", version="0.1.0", lifespan=lifespan)
     app.state.api = ApiState(settings, client)
-    app.add_exception_handler(RedisConnectionError, _redis_unavailable)
-    app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
+    app.add_exception_handler(RedisError, _redis_error)
     _add_routes(app)
     return app
 
 
-async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    metrics.REDIS_UP.set(0)
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After for Redis saying "not now" (down, OOM, READONLY, BUSY, LOADING);
+    any other Redis error is re-raised: a bug, answered 500."""
+    why = unavailable(exc)
+    if why is None:
+        raise exc
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        metrics.REDIS_UP.set(0)
+    metrics.REDIS_UNAVAILABLE.labels(why.code).inc()
     retry = request.app.state.api.settings.retry_after_s
-    log.warning("redis unavailable: %s", exc)
+    log.warning("redis unavailable (%s): %s", why.code, exc)
+    reason = f"queue unavailable: {why.reason}; retry in {retry} s"
     return JSONResponse(
-        {"detail": "queue unavailable (Redis unreachable); retry later"},
+        {"detail": {"code": why.code, "reason": reason}},
         status_code=503,
         headers={"Retry-After": str(retry)},
     )
@@ -207,48 +221,93 @@ async def _enqueue(
     state: ApiState, clip_id: str, data: bytes, content_type: str, task: str, purpose: str
 ) -> JSONResponse:
     entry = wire.ClipEntry(clip_id, len(data), content_type, task, purpose)
-    keys, s = state.keys, state.settings
-    outcome, detail = await state.ingest_script(
-        keys=[keys.clip(clip_id), keys.blob(clip_id), keys.stream, keys.backlog],
-        args=[data, s.blob_ttl_s, s.max_backlog, *wire.flatten(entry.to_fields())],
-    )
-    outcome, detail = outcome.decode(), detail.decode()
+    script_keys, args = wire.ingest_call(state.keys, entry, data, state.settings.ingest_limits())
+    outcome, detail, epoch = (x.decode() for x in await state.ingest_script(script_keys, args))
     metrics.REDIS_UP.set(1)
     metrics.INGEST_REQUESTS.labels(outcome).inc()
-    if outcome == "full":
-        metrics.BACKLOG.set(int(detail))
-        raise HTTPException(
-            429,
-            {"code": "backlog_full", "reason": f"{detail} clips waiting (limit {s.max_backlog})"},
-            {"Retry-After": str(s.retry_after_s)},
-        )
+    if outcome in ("full", "full_bytes"):
+        raise _backlog_full(outcome, int(detail), len(data), state.settings)
     body = {"clip_id": clip_id, "task": task, "purpose": purpose}
+    if epoch:  # "" only for a duplicate queued before queue epochs existed
+        body["queue_epoch"] = wire.QueueEpoch.decode(epoch).id
     if outcome == "duplicate":
         return JSONResponse({**body, "status": "duplicate", "state": detail}, status_code=200)
     metrics.INGEST_BYTES.inc(len(data))
     return JSONResponse({**body, "status": "queued", "entry_id": detail}, status_code=202)
 
 
+def _backlog_full(outcome: str, backlog: int, size: int, s: ApiSettings) -> HTTPException:
+    """429 + Retry-After: too many clips, or too many bytes, accepted and not yet acked."""
+    if outcome == "full":
+        metrics.BACKLOG.set(backlog)
+        detail = {
+            "code": "backlog_full",
+            "reason": f"{backlog} clips waiting (limit {s.max_backlog})",
+        }
+    else:
+        reason = (
+            f"{backlog} bytes waiting; this clip's {size} would pass the limit "
+            f"of {s.max_backlog_bytes} (FLAVA_MAX_BACKLOG_BYTES)"
+        )
+        detail = {"code": "backlog_bytes_full", "reason": reason}
+    return HTTPException(429, detail, {"Retry-After": str(s.retry_after_s)})
+
+
 async def embed(
     state: State,
     _: Authorized,
     clip_id: Annotated[str, Query(pattern=wire.CLIP_ID_PATTERN.pattern)],
+    epoch: Annotated[str | None, Query(pattern=wire.EPOCH_PATTERN.pattern)] = None,
 ) -> JSONResponse:
-    """A clip's embeddings (200), or pending (202), unknown (404), dead-lettered (410)."""
+    """A clip's embeddings (200), or pending (202), unknown (404), dead or lost in a reset (410).
+
+    Pass `epoch` (the `queue_epoch` of the 202) to learn whether an unknown clip was lost
+    because Redis lost its data after accepting it."""
     started = time.perf_counter()
     pipe = state.redis.pipeline(transaction=False)
     pipe.hgetall(state.keys.clip(clip_id))
     pipe.hgetall(state.keys.embedding(clip_id))
     clip, emb = await pipe.execute()
-    answer = _embed_answer(clip_id, clip, emb)
+    if clip:
+        answer = _embed_answer(clip_id, clip, emb)
+    else:
+        answer = _unknown_answer(clip_id, epoch, await _queue_epoch(state))
     metrics.EMBED_REQUESTS.labels(str(answer.status_code)).inc()
     metrics.EMBED_SECONDS.observe(time.perf_counter() - started)
     return answer
 
 
+async def _queue_epoch(state: ApiState) -> wire.QueueEpoch:
+    """The queue's epoch; created here (SET NX) if this Redis has none: fresh, or reset."""
+    value = await state.redis.get(state.keys.epoch)
+    if value is None:
+        candidate = wire.QueueEpoch.new().encode()
+        earlier = await state.redis.set(state.keys.epoch, candidate, nx=True, get=True)
+        value = earlier if isinstance(earlier, bytes) else candidate  # None: ours was set
+    return wire.QueueEpoch.decode(value)
+
+
+def _unknown_answer(clip_id: str, given: str | None, current: wire.QueueEpoch) -> JSONResponse:
+    """404 for a clip this queue does not hold; 410 when the client's epoch is an older queue's."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current.created_at))
+    reset = None if given is None else given != current.id
+    body = {"clip_id": clip_id, "queue_epoch": current.id, "queue_created_at": current.created_at}
+    body["queue_reset"] = reset
+    if reset:
+        reason = f"the queue was reset at {since} after this clip was accepted; send it again"
+        return JSONResponse({**body, "status": "reset", "reason": reason}, status_code=410)
+    reason = f"not in this queue (epoch {current.id}, created {since}); " + _UNKNOWN_HINT[reset]
+    return JSONResponse({**body, "status": "unknown", "reason": reason}, status_code=404)
+
+
+_UNKNOWN_HINT = {  # keyed by queue_reset: None (no epoch given) or False (the same epoch)
+    None: "a clip accepted before then was lost when the queue was reset: send it again",
+    False: "the queue was not reset since your 202 (see docs/durability.md for the window "
+    "a Redis crash can lose)",
+}
+
+
 def _embed_answer(clip_id: str, clip: dict, emb: dict) -> JSONResponse:
-    if not clip:
-        return JSONResponse({"clip_id": clip_id, "status": "unknown"}, status_code=404)
     state = clip[b"state"].decode()
     if state == "dead":
         reason = clip.get(b"reason", b"").decode()
@@ -295,7 +354,9 @@ async def metrics_endpoint(state: State) -> Response:
         metrics.BACKLOG.set(backlog)
         metrics.DEAD_LETTERS.set(dead)
         metrics.REDIS_UP.set(1)
-    except (RedisConnectionError, RedisTimeoutError):
+    except RedisError as exc:
+        if unavailable(exc) is None:
+            raise
         metrics.REDIS_UP.set(0)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -20,3 +20,8 @@ EMBED_SECONDS = Histogram(
 BACKLOG = Gauge("flava_backlog_clips", "Clips accepted and not yet acked by a worker")
 DEAD_LETTERS = Gauge("flava_dead_letter_clips", "Entries in the dead-letter stream")
 REDIS_UP = Gauge("flava_api_redis_up", "1 if the API reached Redis on its last try")
+REDIS_UNAVAILABLE = Counter(
+    "flava_api_redis_unavailable_total",
+    "Requests answered 503 because Redis was down or refused (OOM, READONLY, BUSY, ...)",
+    ["code"],
+)

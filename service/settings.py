@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.wire import IngestLimits
 from service.probe import ProbeLimits
 
 
@@ -26,6 +27,8 @@ class ApiSettings(BaseSettings):
     max_streams: int = 8
     blob_ttl_s: int = 24 * 3600  # claim-check bytes expire if no worker ever takes them
     max_backlog: int = 2000  # accepted-but-unacked entries before /ingest answers 429
+    # ... and their bytes: 2,000 x 64 MiB must not fill Redis (keep Redis's maxmemory above it)
+    max_backlog_bytes: int = 1024**3
     retry_after_s: int = 5
     heartbeat_max_age_s: float = 30.0  # /readyz wants a worker heartbeat this fresh
 
@@ -33,7 +36,15 @@ class ApiSettings(BaseSettings):
     def _refuse_unsafe_production(self) -> ApiSettings:
         if self.environment == "production" and not self.api_token:
             raise ValueError("FLAVA_API_TOKEN must be set when FLAVA_ENVIRONMENT=production")
+        if self.max_backlog_bytes < self.max_body_bytes:
+            raise ValueError(
+                "FLAVA_MAX_BACKLOG_BYTES must be at least FLAVA_MAX_BODY_BYTES "
+                "(else a clip of the largest allowed size is refused forever)"
+            )
         return self
+
+    def ingest_limits(self) -> IngestLimits:
+        return IngestLimits(self.blob_ttl_s, self.max_backlog, self.max_backlog_bytes)
 
     def probe_limits(self) -> ProbeLimits:
         return ProbeLimits(

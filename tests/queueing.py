@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+import redis
+
 from contract import wire
+
+LIMITS = wire.IngestLimits(blob_ttl_s=3600, max_backlog=100_000, max_backlog_bytes=1 << 40)
 
 
 def enqueue(
@@ -14,9 +18,28 @@ def enqueue(
     cid = hashlib.sha256(payload).hexdigest()
     entry = wire.ClipEntry(cid, len(payload), "video/mp4", task, purpose)
     script = client.register_script(wire.INGEST_SCRIPT)
-    outcome, _ = script(
-        keys=[keys.clip(cid), keys.blob(cid), keys.stream, keys.backlog],
-        args=[payload, 3600, 100_000, *wire.flatten(entry.to_fields())],
-    )
+    script_keys, args = wire.ingest_call(keys, entry, payload, LIMITS)
+    outcome, *_ = script(keys=script_keys, args=args)
     assert outcome == b"queued", outcome
     return cid
+
+
+def deliver(client, keys: wire.Keys, consumer: str = "c1") -> dict[str, str]:
+    """Read every new entry into ``consumer``'s pending list, as a worker does;
+    returns clip id -> entry id."""
+    try:
+        client.xgroup_create(keys.stream, wire.GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:  # BUSYGROUP: the group exists already
+        assert "BUSYGROUP" in str(exc)
+    read = client.xreadgroup(wire.GROUP, consumer, {keys.stream: ">"}, count=1000)
+    entries = read[0][1] if read else []
+    return {fields[b"clip_id"].decode(): eid.decode() for eid, fields in entries}
+
+
+def dead_letter(client, keys: wire.Keys, clip_id: str, entry_id: str, reason: str) -> int:
+    """Dead-letter a delivered entry with the worker's script; 1 if it was acked."""
+    script = client.register_script(wire.DEAD_LETTER_SCRIPT)
+    return script(
+        keys=[keys.stream, keys.dead, keys.clip(clip_id), keys.backlog, keys.blob(clip_id)],
+        args=[wire.GROUP, entry_id, reason, 1, "clip_id", clip_id],
+    )

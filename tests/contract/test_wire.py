@@ -1,8 +1,10 @@
 """The wire format both processes share."""
 
 import pytest
+import redis
 
 from contract import wire
+from tests.queueing import LIMITS, dead_letter, deliver, enqueue
 
 
 def test_embedding_round_trip_keeps_float32_values():
@@ -41,3 +43,77 @@ def test_keys_are_namespaced_by_prefix():
         "p1:blob:x",
         "p1:emb:x",
     }
+
+
+def test_backlog_bytes_key_is_the_one_the_ack_scripts_derive():
+    keys = wire.Keys("p1")
+    assert keys.backlog_bytes == keys.backlog + ":bytes"  # ACK/DEAD_LETTER: KEYS[i] .. ':bytes'
+
+
+def test_queue_epoch_round_trip():
+    epoch = wire.QueueEpoch.new()
+    assert wire.EPOCH_PATTERN.match(epoch.id)
+    back = wire.QueueEpoch.decode(epoch.encode().encode())
+    assert back.id == epoch.id and back.created_at == pytest.approx(epoch.created_at, abs=1e-3)
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def test_ingest_counts_bytes_and_a_dead_letter_releases_them(client, prefix):
+    keys = wire.Keys(prefix)
+    first = enqueue(client, keys, b"a" * 1000)
+    enqueue(client, keys, b"b" * 300)
+    assert (int(client.get(keys.backlog)), int(client.get(keys.backlog_bytes))) == (2, 1300)
+    ids = deliver(client, keys)
+    assert dead_letter(client, keys, first, ids[first], "UndecodableMedia: test") == 1
+    assert dead_letter(client, keys, first, ids[first], "UndecodableMedia: test") == 0  # once
+    assert (int(client.get(keys.backlog)), int(client.get(keys.backlog_bytes))) == (1, 300)
+
+
+def test_release_never_drives_the_byte_counter_negative(client, prefix):
+    keys = wire.Keys(prefix)
+    cid = enqueue(client, keys, b"c" * 500)
+    client.delete(keys.backlog_bytes)  # as if queued before the byte counter existed
+    ids = deliver(client, keys)
+    assert dead_letter(client, keys, cid, ids[cid], "test") == 1
+    assert int(client.get(keys.backlog_bytes)) == 0
+
+
+def test_ingest_refuses_past_the_byte_limit_and_writes_nothing(client, prefix):
+    keys = wire.Keys(prefix)
+    enqueue(client, keys, b"a" * 1000)
+    entry = wire.ClipEntry("f" * 64, 200, "video/mp4")
+    limits = wire.IngestLimits(blob_ttl_s=60, max_backlog=100, max_backlog_bytes=1100)
+    outcome, detail, epoch = client.register_script(wire.INGEST_SCRIPT)(
+        *wire.ingest_call(keys, entry, b"f" * 200, limits)
+    )
+    assert (outcome, detail) == (b"full_bytes", b"1000") and epoch
+    assert client.xlen(keys.stream) == 1 and not client.exists(keys.clip("f" * 64))
+
+
+def test_a_dead_clip_is_accepted_again_and_others_are_duplicates(client, prefix):
+    keys = wire.Keys(prefix)
+    cid = enqueue(client, keys, b"d" * 100)
+    ids = deliver(client, keys)
+    dead_letter(client, keys, cid, ids[cid], "decoding took longer than 60 s")
+    again = enqueue(client, keys, b"d" * 100)  # asserts "queued"
+    state = client.hgetall(keys.clip(again))
+    assert state[b"state"] == b"queued" and b"reason" not in state
+    assert state[b"entry_id"].decode() != ids[cid]
+    outcome, detail, _ = client.register_script(wire.INGEST_SCRIPT)(
+        *wire.ingest_call(keys, wire.ClipEntry(cid, 100, "video/mp4"), b"d" * 100, LIMITS)
+    )
+    assert (outcome, detail) == (b"duplicate", b"queued")
+
+
+def test_the_first_ingest_creates_the_epoch_and_later_ones_keep_it(client, prefix):
+    keys = wire.Keys(prefix)
+    enqueue(client, keys, b"e1")
+    first = wire.QueueEpoch.decode(client.get(keys.epoch))
+    enqueue(client, keys, b"e2")
+    assert wire.QueueEpoch.decode(client.get(keys.epoch)) == first

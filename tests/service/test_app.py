@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 from contract import wire
 from service.app import create_app
 from service.settings import ApiSettings
+from tests.queueing import dead_letter, deliver
 from tests.worker.core.media_fixtures import ClipSpec, encode_clip
 
 TOKEN = "s3cret-token"
@@ -203,3 +205,76 @@ def test_api_recovers_by_itself_after_redis_restart(redis_server, clip):
         # the clip accepted before the restart survived it (append-only file)
         first = hashlib.sha256(clip).hexdigest()
         assert api.get("/embed", params={"clip_id": first}).json()["status"] == "pending"
+
+
+def post(api, data: bytes):
+    return api.post("/ingest", content=data, headers={"Content-Type": "video/mp4"})
+
+
+def test_backlog_bytes_limit_answers_429_until_the_worker_releases_them(
+    redis_url, prefix, clip, sync_redis
+):
+    other = encode_clip(ClipSpec(seconds=1.0, tone_hz=600.0))
+    limit = len(clip) + len(other) // 2  # room for the first clip, not for both
+    settings = ApiSettings(
+        redis_url=redis_url, key_prefix=prefix, max_body_bytes=limit, max_backlog_bytes=limit
+    )
+    keys = wire.Keys(prefix)
+    with TestClient(create_app(settings)) as api:
+        first = post(api, clip)
+        assert first.status_code == 202
+        refused = post(api, other)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["detail"]["code"] == "backlog_bytes_full"
+        assert str(len(clip)) in refused.json()["detail"]["reason"]
+        cid = first.json()["clip_id"]
+        dead_letter(sync_redis, keys, cid, deliver(sync_redis, keys)[cid], "test")  # a worker
+        assert post(api, other).status_code == 202
+    assert int(sync_redis.get(keys.backlog_bytes)) == len(other)
+
+
+def test_backlog_bytes_below_the_body_limit_is_refused():
+    with pytest.raises(ValueError, match="FLAVA_MAX_BACKLOG_BYTES"):
+        ApiSettings(max_body_bytes=1000, max_backlog_bytes=999)
+
+
+def test_a_dead_lettered_clip_is_accepted_again(api, clip, sync_redis, prefix):
+    keys = wire.Keys(prefix)
+    cid = post(api, clip).json()["clip_id"]
+    dead_letter(sync_redis, keys, cid, deliver(sync_redis, keys)[cid], "decoding took too long")
+    assert api.get("/embed", params={"clip_id": cid}).json()["status"] == "dead"
+    again = post(api, clip)
+    assert again.status_code == 202 and again.json()["status"] == "queued", again.text
+    assert api.get("/embed", params={"clip_id": cid}).json()["status"] == "pending"
+    sync_redis.hset(keys.clip(cid), "state", "learned")  # learned (or queued) stays a duplicate
+    assert post(api, clip).json() | {"state": "learned"} == post(api, clip).json()
+    assert post(api, clip).status_code == 200
+
+
+def test_unknown_clip_names_the_queue_epoch(api, clip):
+    epoch = post(api, clip).json()["queue_epoch"]
+    assert wire.EPOCH_PATTERN.match(epoch)
+    unknown = api.get("/embed", params={"clip_id": "1" * 64})
+    assert unknown.status_code == 404
+    assert (unknown.json()["queue_epoch"], unknown.json()["queue_reset"]) == (epoch, None)
+    same = api.get("/embed", params={"clip_id": "1" * 64, "epoch": epoch})
+    assert same.status_code == 404 and same.json()["queue_reset"] is False
+    assert api.get("/embed", params={"clip_id": "1" * 64, "epoch": "xyz"}).status_code == 422
+
+
+def test_a_clip_lost_in_a_data_losing_redis_restart_answers_410(redis_server, clip):
+    settings = ApiSettings(redis_url=redis_server.url, key_prefix="reset")
+    with TestClient(create_app(settings)) as api:
+        accepted = post(api, clip).json()
+        redis_server.stop()
+        shutil.rmtree(redis_server.workdir)  # the append-only file is gone: Redis lost its data
+        redis_server.start()
+        query = {"clip_id": accepted["clip_id"], "epoch": accepted["queue_epoch"]}
+        gone = api.get("/embed", params=query)
+        assert gone.status_code == 410, gone.text
+        assert gone.json()["status"] == "reset" and gone.json()["queue_reset"] is True
+        assert "send it again" in gone.json()["reason"]
+        assert gone.json()["queue_epoch"] != accepted["queue_epoch"]
+        resent = post(api, clip)  # the client sends it again, into the new queue
+        assert resent.status_code == 202
+        assert resent.json()["queue_epoch"] == gone.json()["queue_epoch"]
