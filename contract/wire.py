@@ -8,17 +8,25 @@ Layout (prefix ``flava`` by default):
 - ``{p}:clips``            stream of claim-check entries (fields: :class:`ClipEntry`)
 - ``{p}:dead``             dead-letter stream (entry fields + ``reason`` + ``deliveries``)
 - ``{p}:blob:{id}``        the clip's bytes, with a TTL (claim-check)
-- ``{p}:clip:{id}``        hash: ``state`` (queued | learned | probed | dead), ``entry_id``,
-                           ``task``, ``purpose``, ``received_at``, ``reason``
+- ``{p}:clip:{id}``        hash: ``state`` (queued | embedded | learned | probed | dead),
+                           ``entry_id``, ``task``, ``purpose``, ``received_at``, ``reason``,
+                           ``trained`` (deliveries that ended in an update, see PUBLISH)
 - ``{p}:emb:{id}``         hash: ``audio``/``video`` (float32 little-endian bytes), ``dim``,
-                           ``model_version``, ``step``, ``method``, ``written_at``
+                           ``model_version`` ("G.N", docs/versions.md), ``step``, ``method``,
+                           ``written_at``
 - ``{p}:backlog``          integer: entries accepted and not yet acked (backpressure)
 - ``{p}:backlog:bytes``    integer: the bytes of those entries (backpressure by size)
 - ``{p}:epoch``            string: "<id>@<created unix s>", this queue's identity; a Redis
                            that lost its data gets a new one (:class:`QueueEpoch`)
-- ``{p}:model``            hash: ``version``, ``step``, ``method``, ``updated_at``
+- ``{p}:model``            hash: ``version`` ("G.N"), ``generation``, ``step``, ``method``,
+                           ``updated_at``, ``durable_version``, ``checkpoint_error``
+- ``{p}:lease``            string: the consumer that holds the learner lease (TTL)
 - ``{p}:workers``          sorted set: consumer name -> last heartbeat (unix seconds)
 - ``{p}:monitor``          string: JSON summary of the worker's drift and forgetting monitors
+
+A clip is published (embedding written, state ``embedded``) right after the update that
+included it, and acked (state ``learned``) only once that update is in a durable checkpoint
+(docs/versions.md): a crash re-delivers exactly the clips not yet checkpointed.
 
 Clip ids are the sha256 of the bytes, so a re-POST of the same clip is recognised.
 Every multi-key change happens inside one Lua script, so a crash never leaves an
@@ -78,6 +86,10 @@ class Keys:
     def monitor(self) -> str:
         return f"{self.prefix}:monitor"
 
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:lease"
+
     def blob(self, clip_id: str) -> str:
         return f"{self.prefix}:blob:{clip_id}"
 
@@ -121,7 +133,7 @@ class Embedding:
 
     audio: list[float]
     video: list[float]
-    model_version: int
+    model_version: str  # "G.N": generation, updates (docs/versions.md)
     step: int
     method: str
     written_at: float
@@ -143,11 +155,34 @@ class Embedding:
         return cls(
             audio=unpack_vector(f["audio"]),
             video=unpack_vector(f["video"]),
-            model_version=int(_text(f["model_version"])),
+            model_version=str(ModelVersion.parse(_text(f["model_version"]))),
             step=int(_text(f["step"])),
             method=_text(f.get("method", b"")),
             written_at=float(_text(f["written_at"])),
         )
+
+
+@dataclass(frozen=True, order=True)
+class ModelVersion:
+    """A weight state's name "G.N" (docs/versions.md): generation G, N updates applied.
+
+    Ordered by (G, N): a larger version was made later. A bare integer (written before
+    generations existed) reads as generation 0."""
+
+    generation: int
+    updates: int
+
+    def __str__(self) -> str:
+        return f"{self.generation}.{self.updates}"
+
+    @classmethod
+    def parse(cls, text: str | int) -> ModelVersion:
+        parts = str(text).strip().split(".")
+        if len(parts) == 1:
+            parts = ["0", parts[0]]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"model version {text!r} is not G.N (two non-negative integers)")
+        return cls(int(parts[0]), int(parts[1]))
 
 
 def pack_vector(values) -> bytes:
@@ -247,23 +282,31 @@ def ingest_call(
     return script_keys, [*args, QueueEpoch.new().encode(), *flatten(entry.to_fields())]
 
 
-# KEYS: stream, clip, embedding, backlog, blob.
-# ARGV: group, entry_id, state, deliveries, emb fields.
-# Writes the embedding and the clip's state, then acks; returns 1 if this call acked.
-FINISH_SCRIPT = """
-if #ARGV > 4 then
-  local fields = {}
-  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[3], unpack(fields))
+# KEYS: clip, embedding. ARGV: emb fields.
+# Publishes a trained (or probed) clip's embedding before its update is durable: state
+# ``embedded``, ``trained`` +1 (deliveries that ended in an update do not count as failures).
+# Returns -1 and writes nothing if the clip is unknown (Redis lost its data meanwhile).
+PUBLISH_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+redis.call('HSET', KEYS[1], 'state', 'embedded')
+return redis.call('HINCRBY', KEYS[1], 'trained', 1)
+"""
+
+# KEYS: stream, clip, backlog, blob. ARGV: group, entry_id, state, deliveries.
+# Sets the clip's final state (learned | probed, or a duplicate's own state), then acks;
+# returns 1 if this call acked. An unknown clip (Redis lost its data) gets no state written.
+ACK_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'state', ARGV[3], 'deliveries', ARGV[4])
 end
-redis.call('HSET', KEYS[2], 'state', ARGV[3], 'deliveries', ARGV[4])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
-  redis.call('DECR', KEYS[4])
-  local left = redis.call('DECRBY', KEYS[4] .. ':bytes', redis.call('HGET', KEYS[2], 'size') or 0)
-  if left < 0 then redis.call('SET', KEYS[4] .. ':bytes', 0) end
+  redis.call('DECR', KEYS[3])
+  local left = redis.call('DECRBY', KEYS[3] .. ':bytes', redis.call('HGET', KEYS[2], 'size') or 0)
+  if left < 0 then redis.call('SET', KEYS[3] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
-  redis.call('DEL', KEYS[5])
+  redis.call('DEL', KEYS[4])
 end
 return acked
 """

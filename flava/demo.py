@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract import wire
 from flava.procs import free_port, spawn, terminate
 from flava.push import ApiClient, Progress
 
@@ -237,7 +238,7 @@ def build_report(
     """The demo's figures (what ``report_json`` holds); recall figures in %."""
     summary, model = monitors
     ready = [answers[c] for c in train if answers.get(c, {}).get("status") == "ready"]
-    last = max(ready, key=lambda a: a["model_version"]) if ready else None
+    last = max(ready, key=lambda a: wire.ModelVersion.parse(a["model_version"])) if ready else None
     switched = int(model.get("selection_step", -1))
     card = evaluation.get("builtin_card") or {}
     windows = (summary or {}).get("windows", {})

@@ -10,6 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from contract import wire
 from service.app import create_app
 from service.settings import ApiSettings
 from worker.core.synthetic import StreamConfig, drifting_stream
@@ -54,14 +55,24 @@ def test_clips_in_embeddings_out_versions_advance(stack):
     early = wait_ready(api, first)
     later = [_post(api, data, spec.segment) for spec, data in clips[6:]]
     late = wait_ready(api, later)
-    early_v = max(e["model_version"] for e in early.values())
-    late_v = min(e["model_version"] for e in late.values())
-    assert 1 <= early_v < late_v
+    early_v = max(wire.ModelVersion.parse(e["model_version"]) for e in early.values())
+    late_v = min(wire.ModelVersion.parse(e["model_version"]) for e in late.values())
+    assert early_v.generation == late_v.generation == 1  # one process: one generation
+    assert early_v < late_v
     sample = next(iter(late.values()))
     assert sample["dim"] == worker.model_cfg.dim == len(sample["audio"]) == len(sample["video"])
     assert sample["method"] == worker.settings.method
+    wait_learned(api, first + later)  # acked once a checkpoint holds them (the stream idles)
     repost = api.post("/ingest", content=clips[0][1], headers={"Content-Type": "video/mp4"})
     assert repost.json()["status"] == "duplicate" and repost.json()["state"] == "learned"
+
+
+def wait_learned(api, ids: list[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for cid in ids:
+        while api.get("/embed", params={"clip_id": cid}).json().get("state") != "learned":
+            assert time.monotonic() < deadline, f"clip {cid[:12]} not learned"
+            time.sleep(0.1)
 
 
 def _post(api, data: bytes, segment: int) -> str:

@@ -200,7 +200,7 @@ class StreamMonitor:
         emb_a: Tensor,
         emb_v: Tensor,
         step: int,
-        version: int,
+        version: str,
     ) -> None:
         """Feed one embedded batch (row i of emb_a/emb_v (B, D) is clips[i]); maybe evaluate."""
         self.observe(entries, clips, emb_a, emb_v)
@@ -286,7 +286,7 @@ class StreamMonitor:
     def _has_probes(self) -> bool:
         return any(len(w.probes) >= 2 for w in self.windows.values())
 
-    def catch_up(self, step: int, version: int) -> bool:
+    def catch_up(self, step: int, version: str) -> bool:
         """When the stream is idle: evaluate if the model changed since the last evaluation,
         so the published figures describe the model as it is now."""
         if self.cfg.every <= 0 or step == self.last_eval_step or not self._has_probes():
@@ -391,7 +391,7 @@ class StreamMonitor:
             _export_drift(self.last_report)
 
     # ---- summary ---------------------------------------------------------------------------
-    def summary(self, step: int, version: int) -> dict:
+    def summary(self, step: int, version: str) -> dict:
         """JSON-ready state: drift now, and per window drift, probes and forgetting (in %)."""
         tracked = set(self.tracker.windows())
         past = self.past_windows() & tracked
@@ -415,7 +415,7 @@ class StreamMonitor:
             "recon": "masked MSE, audio + video, fixed masks" if self.cfg.recon else "off",
         }
 
-    def publish(self, step: int, version: int) -> None:
+    def publish(self, step: int, version: str) -> None:
         """Write the summary to ``Keys.monitor`` (best effort: a Redis error is logged)."""
         if self.client is None:
             return

@@ -1,9 +1,15 @@
-"""The worker's side of the Redis contract: read, reclaim, finish and dead-letter entries.
+"""The worker's side of the Redis contract: read, reclaim, publish, ack and dead-letter entries.
 
 Delivery order: this consumer's own pending entries first (a restart re-reads what it held
-when it died), then entries other consumers left idle past ``claim_min_idle_ms``, then new
-ones. Every path that removes an entry from the pending list goes through one Lua script
-of :mod:`contract.wire`, so the embedding or dead letter is written before the ack.
+when it died), then entries of consumers that are gone (no heartbeat for
+``claim_min_idle_ms``), then new ones. A clip is published (embedding written, state
+``embedded``) after its update and acked only once that update is durable; the entries
+published and not yet acked are **held**, and a re-read never hands them out again.
+Every path that removes an entry from the pending list goes through one Lua script of
+:mod:`contract.wire`, so the embedding or dead letter is written before the ack.
+
+Redis faults: :func:`transient` names the errors to retry (outages, ``OOM``, ``READONLY``,
+``BUSY``, ``LOADING``); ``NOGROUP`` means Redis lost its data: :meth:`ClipQueue.recover_group`.
 """
 
 from __future__ import annotations
@@ -14,11 +20,47 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import wire
 
 log = logging.getLogger(__name__)
+TRANSIENT_REPLIES = ("OOM ", "READONLY ", "BUSY ", "LOADING ", "MASTERDOWN ", "TRYAGAIN ")
+
+# KEYS: lease. ARGV: consumer, ttl_ms. Take or renew the lease; returns its holder.
+LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+"""
+
+
+def transient(exc: BaseException) -> bool:
+    """An error that goes away by itself: retry with backoff, never a training failure."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+
+
+def lost_group(exc: BaseException) -> bool:
+    """``NOGROUP`` (or XINFO's "no such key"): the stream or its group is gone, i.e. Redis
+    lost its data."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "no such key"))
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """ "1700000000000-12" -> (ms, seq): ids compare as numbers, not strings."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class LeaseTaken(RuntimeError):
+    """Another learner holds the group: two plain workers would train diverging models."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +79,15 @@ class ClipQueue:
         self.redis = client
         self.keys = keys
         self.consumer = consumer
-        self.min_idle_ms = min_idle_ms
-        self._finish = client.register_script(wire.FINISH_SCRIPT)
+        self.min_idle_ms = min_idle_ms  # a consumer silent this long is gone
+        self._publish = client.register_script(wire.PUBLISH_SCRIPT)
+        self._ack = client.register_script(wire.ACK_SCRIPT)
         self._dead = client.register_script(wire.DEAD_LETTER_SCRIPT)
+        self._lease = client.register_script(LEASE_SCRIPT)
         self._own_pending = True  # re-read own pending entries until none are left
+        self.held: set[str] = set()  # entry ids published, not yet acked (in the model)
 
+    # ---- the group and the lease --------------------------------------------------------
     def ensure_group(self) -> None:
         try:
             self.redis.xgroup_create(self.keys.stream, wire.GROUP, id="0", mkstream=True)
@@ -49,13 +95,42 @@ class ClipQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def recover_group(self) -> None:
+        """After ``NOGROUP`` (Redis lost its data): recreate the group and forget what was held.
+
+        The held entries are gone with the data; their clips stay in the model (the API tells
+        clients whose clips vanished to re-send them)."""
+        log.error(
+            "the stream's consumer group is gone: Redis lost its data; recreating it "
+            "(%d published clips can no longer be acked)",
+            len(self.held),
+        )
+        self.ensure_group()
+        self.held.clear()
+        self._own_pending = True
+
+    def take_lease(self, ttl_s: float) -> None:
+        """Hold (or renew) the one-learner lease; raise LeaseTaken if another consumer has it."""
+        holder = _text(self._lease(keys=[self.keys.lease], args=[self.consumer, int(ttl_s * 1000)]))
+        if holder != self.consumer:
+            raise LeaseTaken(
+                f"consumer {holder!r} is already learning from {self.keys.stream}: a second "
+                "plain worker would train a diverging model and overwrite its published one. "
+                "Stop the other worker, or give this one another FLAVA_KEY_PREFIX."
+            )
+
+    def release_lease(self) -> None:
+        if _text(self.redis.get(self.keys.lease) or b"") == self.consumer:
+            self.redis.delete(self.keys.lease)
+
+    # ---- reading ------------------------------------------------------------------------
     def claim_own_pending(self) -> int:
         """Count what this consumer held when it stopped; the next reads re-deliver it.
 
-        Re-reading history (XREADGROUP id 0) increments each entry's delivery count, so a
-        clip that crashes the worker every time reaches ``max_deliveries`` and is
-        dead-lettered instead of looping forever."""
-        ids = self._pending_ids(self.consumer)
+        Each re-delivery increments the entry's delivery count; the worker subtracts the
+        deliveries that ended in an update (``trained``), so only failures count toward
+        ``max_deliveries`` and a clip that crashes the worker every time is dead-lettered."""
+        ids = self._pending_ids(self.consumer, 100_000)
         if ids:
             log.info("%d pending entries of %s will be re-read", len(ids), self.consumer)
         self._own_pending = bool(ids)
@@ -67,38 +142,61 @@ class ClipQueue:
 
     @property
     def rereading(self) -> bool:
-        """Whether the next read re-reads own pending entries (id 0), not new ones.
+        """Whether the next read re-reads own pending entries, not new ones.
 
         While it does, a batch read ahead would hand back entries still in hand."""
         return self._own_pending
 
     def next_batch(self, count: int, block_ms: int | None) -> list[Delivery]:
-        """Up to ``count`` deliveries: own pending, then idle reclaimed, then new.
+        """Up to ``count`` deliveries: own pending (not held), then gone consumers', then new.
 
         ``block_ms`` None: do not wait for new entries."""
         if self._own_pending:
-            batch = self._read("0", count, None)
+            batch = self._claim(self.consumer, count)
             if batch:
                 return batch
             self._own_pending = False
-        batch = self._autoclaim(count)
-        return batch or self._read(">", count, block_ms)
+        batch = self._reclaim_from_gone(count)
+        return batch or self._read(count, block_ms)
 
-    def _read(self, start: str, count: int, block_ms: int | None) -> list[Delivery]:
+    def _read(self, count: int, block_ms: int | None) -> list[Delivery]:
         reply: Any = self.redis.xreadgroup(
-            wire.GROUP, self.consumer, {self.keys.stream: start}, count=count, block=block_ms
+            wire.GROUP, self.consumer, {self.keys.stream: ">"}, count=count, block=block_ms
         )
         entries = [(eid, f) for _, items in reply or [] for eid, f in items if f]
         return self._with_delivery_counts(entries)
 
-    def _autoclaim(self, count: int) -> list[Delivery]:
-        reply = self.redis.xautoclaim(
-            self.keys.stream, wire.GROUP, self.consumer, self.min_idle_ms, "0-0", count=count
-        )
-        entries = [(eid, f) for eid, f in reply[1] if f]
-        if entries:
-            log.info("reclaimed %d idle entries from dead consumers", len(entries))
+    def _claim(self, owner: str, count: int) -> list[Delivery]:
+        """XCLAIM up to ``count`` of ``owner``'s pending entries that this worker does not hold."""
+        pending = self._pending_ids(owner, count + len(self.held))
+        ids: list[Any] = [i for i in pending if i not in self.held][:count]
+        if not ids:
+            return []
+        claimed: Any = self.redis.xclaim(self.keys.stream, wire.GROUP, self.consumer, 0, ids)
+        entries = [(eid, f) for eid, f in claimed if f]
+        gone = len(ids) - len(entries)  # deleted from the stream under us
+        if gone:
+            log.warning("%d pending entries of %s had no fields left", gone, owner)
         return self._with_delivery_counts(entries)
+
+    def _reclaim_from_gone(self, count: int) -> list[Delivery]:
+        """Entries of consumers with no heartbeat for ``min_idle_ms`` (never a live worker's)."""
+        for owner in self._gone_consumers():
+            batch = self._claim(owner, count)
+            if batch:
+                log.info("reclaimed %d entries of gone consumer %s", len(batch), owner)
+                return batch
+        return []
+
+    def _gone_consumers(self) -> list[str]:
+        consumers: Any = self.redis.xinfo_consumers(self.keys.stream, wire.GROUP)
+        owners = [_text(c["name"]) for c in consumers if int(c["pending"]) > 0]
+        owners = [o for o in owners if o != self.consumer]
+        if not owners:
+            return []
+        beats = self.redis.zmscore(self.keys.workers, owners)
+        horizon = time.time() - self.min_idle_ms / 1000
+        return [o for o, beat in zip(owners, beats, strict=True) if beat is None or beat < horizon]
 
     def _with_delivery_counts(self, entries: list) -> list[Delivery]:
         if not entries:
@@ -111,19 +209,20 @@ class ClipQueue:
         ]
 
     def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        ordered = sorted(ids, key=stream_id)
         rows = self.redis.xpending_range(
             self.keys.stream,
             wire.GROUP,
-            min=min(ids),
-            max=max(ids),
-            count=len(ids) * 4 + 16,
+            min=ordered[0],
+            max=ordered[-1],
+            count=len(ids) + len(self.held) + 16,
             consumername=self.consumer,
         )
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
-    def _pending_ids(self, consumer: str) -> list[str]:
+    def _pending_ids(self, consumer: str, count: int) -> list[str]:
         rows = self.redis.xpending_range(
-            self.keys.stream, wire.GROUP, min="-", max="+", count=100_000, consumername=consumer
+            self.keys.stream, wire.GROUP, min="-", max="+", count=count, consumername=consumer
         )
         return [_text(r["message_id"]) for r in rows]
 
@@ -134,38 +233,48 @@ class ClipQueue:
         blobs: list[Any] = self.redis.mget([self.keys.blob(d.entry.clip_id) for d in deliveries])
         return blobs
 
-    def clip_state(self, deliveries: list[Delivery]) -> list[str]:
+    def clip_states(self, deliveries: list[Delivery]) -> list[tuple[str, int]]:
+        """-> [(state, trained)]: the clip's state and the deliveries that ended in an update."""
         pipe = self.redis.pipeline(transaction=False)
         for d in deliveries:
-            pipe.hget(self.keys.clip(d.entry.clip_id), "state")
-        return [_text(s) if s else "" for s in pipe.execute()]
+            pipe.hmget(self.keys.clip(d.entry.clip_id), ["state", "trained"])
+        return [(_text(s) if s else "", int(t or 0)) for s, t in pipe.execute()]
 
-    def finish(self, delivery: Delivery, embedding: wire.Embedding | None, state: str) -> bool:
-        """Write the embedding (if any) and the clip's state, then ack; True if acked now."""
-        return self.finish_many([(delivery, embedding, state)])[0]
-
-    def finish_many(self, items: list[tuple[Delivery, wire.Embedding | None, str]]) -> list[bool]:
-        """``finish`` for a batch in one round trip; each script stays atomic on its own, and
-        a retry after an outage is harmless (a second ack of an entry is a no-op)."""
+    # ---- publishing, acking, dead-lettering ---------------------------------------------
+    def publish_many(self, items: list[tuple[Delivery, wire.Embedding]]) -> None:
+        """Write each clip's embedding (state ``embedded``) and hold its entry until the ack."""
         pipe = self.redis.pipeline(transaction=False)
-        for delivery, embedding, state in items:
-            self._finish_one(pipe, delivery, embedding, state)
-        return [bool(acked) for acked in pipe.execute()]
+        for delivery, embedding in items:
+            cid = delivery.entry.clip_id
+            self._publish(
+                client=pipe,
+                keys=[self.keys.clip(cid), self.keys.embedding(cid)],
+                args=wire.flatten(embedding.to_fields()),
+            )
+        pipe.execute()
+        self.held.update(d.entry_id for d, _ in items)
 
-    def _finish_one(self, pipe, delivery: Delivery, embedding, state: str) -> None:
-        fields = wire.flatten(embedding.to_fields()) if embedding else []
-        cid = delivery.entry.clip_id
-        self._finish(
-            client=pipe,
-            keys=[
-                self.keys.stream,
-                self.keys.clip(cid),
-                self.keys.embedding(cid),
-                self.keys.backlog,
-                self.keys.blob(cid),
-            ],
-            args=[wire.GROUP, delivery.entry_id, state, delivery.deliveries, *fields],
-        )
+    def ack_many(self, items: list[tuple[Delivery, str]]) -> list[bool]:
+        """Set each clip's final state (learned | probed | a duplicate's own) and ack it.
+
+        One round trip; each script is atomic on its own, and a retry after an outage is
+        harmless (a second ack of an entry is a no-op)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for delivery, state in items:
+            cid = delivery.entry.clip_id
+            self._ack(
+                client=pipe,
+                keys=[
+                    self.keys.stream,
+                    self.keys.clip(cid),
+                    self.keys.backlog,
+                    self.keys.blob(cid),
+                ],
+                args=[wire.GROUP, delivery.entry_id, state, delivery.deliveries],
+            )
+        acked = [bool(a) for a in pipe.execute()]
+        self.held.difference_update(d.entry_id for d, _ in items)
+        return acked
 
     def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Move an entry to the dead-letter stream with its reason, then ack it."""
@@ -189,6 +298,7 @@ class ClipQueue:
         )
         return bool(acked)
 
+    # ---- announcing ---------------------------------------------------------------------
     def heartbeat(self, model: dict[str, Any]) -> None:
         """Announce liveness (for /readyz) and publish the model's version."""
         pipe = self.redis.pipeline(transaction=True)
@@ -197,10 +307,10 @@ class ClipQueue:
             pipe.hset(self.keys.model, mapping=cast(Any, model))
         pipe.execute()
 
-    def published_version(self) -> int:
-        """The newest model version any worker published (versions never go backwards)."""
+    def published_generation(self) -> int:
+        """The newest generation any worker published (docs/versions.md)."""
         value = self.redis.hget(self.keys.model, "version")
-        return int(value) if value else 0
+        return wire.ModelVersion.parse(_text(value)).generation if value else 0
 
     def depths(self) -> tuple[int, int, int]:
         """(backlog, pending for the group, dead letters)."""

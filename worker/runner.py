@@ -3,8 +3,12 @@
 One iteration: take a batch of deliveries (read ahead during the previous update, or read
 now) -> drop duplicates and over-delivered entries -> collect the decoded clips -> read the
 next batch and start decoding it -> one update of the learner on the batch's training clips
--> embed every clip -> write each embedding and ack it in one script -> heartbeat, metrics,
-checkpoint every N steps.
+-> embed every clip -> publish the embeddings (state ``embedded``) -> checkpoint when due,
+and ack what the newest durable checkpoint holds (state ``learned``) -> heartbeat, metrics.
+
+The guarantee (docs/versions.md): an entry leaves the pending list only once an update that
+includes it is in a durable checkpoint, so a crash replays exactly the un-checkpointed tail;
+every process start is a new generation, so a version name never names two weight states.
 
 Overlap: clips decode in separate processes (worker/decoding.py), so the next batch's bytes
 are fetched and decoded while the current update runs, instead of adding to it. A batch is
@@ -12,8 +16,9 @@ read ahead only in the steady state: not while re-reading own pending entries (t
 include the batch in hand), not when the step limit or a stop is near. On stop, a batch read
 ahead is processed too, so nothing taken is left pending.
 
-A crash anywhere before the ack means redelivery, never loss; a clip that cannot be
-decoded goes to the dead-letter stream with its reason and the worker keeps going.
+A clip that cannot be decoded goes to the dead-letter stream with its reason and the worker
+keeps going. Redis outages and transient replies (OOM, READONLY, BUSY) are retried with
+backoff; ``NOGROUP`` (Redis lost its data) recreates the group and goes on.
 """
 
 from __future__ import annotations
@@ -27,35 +32,47 @@ from pathlib import Path
 
 import redis
 import torch
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from contract import wire
 from worker import telemetry
 from worker.builtin import resolve_init_weights
-from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from worker.checkpoint import FORMAT, load_newest, next_generation, remove_stale_temps
+from worker.checkpointing import Checkpointer, CheckpointPolicy
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
 from worker.monitoring import MonitorConfig, StreamMonitor
-from worker.queue import ClipQueue, Delivery
+from worker.publishing import Stamp, embeddings_for, final_state
+from worker.queue import ClipQueue, Delivery, lost_group, transient
 from worker.settings import WorkerSettings
 from worker.warmstart import warm_start
 
 log = logging.getLogger(__name__)
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
 @dataclass
 class Counters:
-    """What survives a restart through the checkpoint (versions never go backwards)."""
+    """What survives a restart through the checkpoint; ``generation`` is this process's own."""
 
-    version: int = 0  # incremented by every applied update
+    updates: int = 0  # applied updates in the weights' lineage: N of the version G.N
     step: int = 0  # updates attempted, skipped ones included
     clips_learned: int = 0
     clips_probed: int = 0
     clips_dead: int = 0
+    generation: int = 0  # G of G.N: claimed anew by every process start
+
+    @property
+    def version(self) -> str:
+        return f"{self.generation}.{self.updates}"
+
+    @classmethod
+    def restored(cls, saved: dict) -> Counters:
+        saved = dict(saved)
+        if "version" in saved:  # format 1 called the update count "version"
+            saved["updates"] = saved.pop("version")
+        return cls(**saved)
 
 
 @dataclass
@@ -107,11 +124,18 @@ class Worker:
             settings.decode_timeout_s,
             settings.decode_nice,
         )
+        self.checkpoints = Checkpointer(
+            settings.checkpoint_dir,
+            settings.keep_checkpoints,
+            CheckpointPolicy.from_settings(settings),
+            self.queue,
+            self._retry,
+        )
+        self.durable_settles: dict[str, str] = {}  # clip id -> state, held by the restored ckpt
         self._ahead: Fetched | None = None  # the next batch, read during the current update
         self._stop: threading.Event | None = None
         self._last_heartbeat = 0.0
         self._selection_on = False  # FLAVA: importance selection drove the last step
-        self._last_checkpoint_step = 0
         self.monitor = self._new_monitor()
 
     def _new_monitor(self) -> StreamMonitor:
@@ -120,15 +144,22 @@ class Worker:
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Restore the newest checkpoint, join the group, re-claim own pending entries."""
-        resumed = self.restore()
+        """Take the lease, restore the newest checkpoint, claim a generation, join the group."""
         self._retry(self.queue.ensure_group)
-        published = self._retry(self.queue.published_version)
-        self.counters.version = max(self.counters.version, published)
+        self._retry(self.queue.take_lease, self.settings.lease_ttl_s)
+        remove_stale_temps(self.settings.checkpoint_dir)
+        resumed = self.restore()
+        published = self._retry(self.queue.published_generation)
+        self.counters.generation = next_generation(self.settings.checkpoint_dir, published)
+        log.info("generation %d starts at version %s", self.counters.generation, self.version)
         if resumed:  # the restored forgetting figures, before the first batch comes
-            self.monitor.publish(self.counters.step, self.counters.version)
+            self.monitor.publish(self.counters.step, self.version)
         self._retry(self.queue.claim_own_pending)
         self._retry(self.heartbeat, force=True)
+
+    @property
+    def version(self) -> str:
+        return self.counters.version
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set or ``max_steps`` updates were taken, then checkpoint."""
@@ -140,20 +171,27 @@ class Worker:
             if self._ahead is not None:  # taken from the stream: finish it, leave nothing pending
                 self._retry(self.iterate, stop=stop)
         finally:
-            self.checkpoint()
+            self.settle()
             self.pool.shutdown()
-            log.info("worker stopped at version %d", self.counters.version)
+            self._retry(self.queue.release_lease, stop=stop)
+            log.info("worker stopped at version %s", self.version)
+
+    def settle(self) -> bool:
+        """Checkpoint now and ack everything published; True if nothing is left waiting."""
+        return self.checkpoints.flush(self._snapshot)
 
     def iterate(self) -> BatchReport | None:
         try:
             fetched, self._ahead = self._ahead or self._fetch(self.settings.block_ms), None
             report = self.process(fetched) if fetched.deliveries else None
             if report is None:
-                self.monitor.catch_up(self.counters.step, self.counters.version)
+                self.monitor.catch_up(self.counters.step, self.version)
+            self.checkpoints.tick(self._snapshot, idle=report is None)
             self.heartbeat()
-        except REDIS_ERRORS:
-            self._ahead = None  # its entries stay pending and are re-read with the rest
-            self.queue.reread_pending()  # what was delivered before the outage comes back first
+        except RedisError as exc:
+            if transient(exc) or lost_group(exc):
+                self._ahead = None  # its entries stay pending and are re-read with the rest
+                self.queue.reread_pending()  # what was delivered before the fault comes first
             raise
         return report
 
@@ -177,14 +215,14 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------
     def process(self, fetched: Fetched) -> BatchReport:
-        """Learn from a batch of deliveries and ack each of them (or dead-letter it)."""
+        """Learn from a batch of deliveries and publish each embedding (or dead-letter it)."""
         started = time.perf_counter()
         report = BatchReport()
         fresh = self._drop_settled(fetched, report)
         clips = self._decoded(fresh, report)
         self._read_ahead()
         if clips:
-            before = (self.counters.version, self.counters.step)
+            before = Stamp(self.version, self.counters.step)
             report.stats = self._learn(clips)
             emb_a, emb_v = self._publish(clips, report, before)
             self.monitor.after_batch(
@@ -193,7 +231,7 @@ class Worker:
                 emb_a,
                 emb_v,
                 self.counters.step,
-                self.counters.version,
+                self.version,
             )
         telemetry.BATCH_SECONDS.observe(time.perf_counter() - started)
         self.counters.clips_dead += report.dead
@@ -202,21 +240,32 @@ class Worker:
     def _drop_settled(
         self, fetched: Fetched, report: BatchReport
     ) -> list[tuple[Delivery, PendingDecode]]:
-        """Dead-letter over-delivered entries; ack duplicates of clips already learned.
+        """Dead-letter entries that failed too often; ack clips already settled.
 
         Checked when the batch is processed, not when it was read: a clip of the batch read
-        ahead may have been learned by the update that just finished."""
-        fresh = []
-        states = self.queue.clip_state(fetched.deliveries)
-        for d, pending, state in zip(fetched.deliveries, fetched.decodes, states, strict=True):
-            if d.deliveries > self.settings.max_deliveries:
-                self._dead(d, f"delivered {d.deliveries} times without finishing", report)
-            elif state in ("learned", "probed", "dead"):
-                self.queue.finish(d, None, state)
+        ahead may have been learned by the update that just finished. Failures are the
+        deliveries that did not end in an update (``trained``), so re-deliveries of an
+        un-checkpointed tail after a crash do not count."""
+        fresh, settled = [], []
+        states = self.queue.clip_states(fetched.deliveries)
+        for d, pending, (state, trained) in zip(
+            fetched.deliveries, fetched.decodes, states, strict=True
+        ):
+            if state in ("learned", "probed", "dead"):
+                settled.append((d, state))
+            elif d.entry.clip_id in self.durable_settles:  # in the restored checkpoint
+                settled.append((d, self.durable_settles[d.entry.clip_id]))
+            elif state == "embedded" and self.checkpoints.holds(d.entry.clip_id):
+                self.checkpoints.record(d, final_state(d), trained=False)  # a second entry
                 report.duplicates += 1
-                telemetry.CLIPS.labels("duplicate").inc()
+            elif d.deliveries - trained > self.settings.max_deliveries:
+                self._dead(d, f"delivered {d.deliveries - trained} times without an update", report)
             else:
                 fresh.append((d, pending))
+        if settled:
+            self._retry(self.queue.ack_many, settled)
+            report.duplicates += len(settled)
+            telemetry.CLIPS.labels("duplicate").inc(len(settled))
         return fresh
 
     def _decoded(
@@ -244,9 +293,10 @@ class Worker:
             telemetry.STEPS.labels("skipped_nonfinite").inc()
             log.warning("non-finite loss at step %d: update skipped", self.counters.step)
         else:
-            self.counters.version += 1
+            self.counters.updates += 1
+            self.checkpoints.updated()
             telemetry.STEPS.labels("applied").inc()
-        _record_stats(stats, self.counters.version)
+        _record_stats(stats, self.counters)
         if stats.selection and not self._selection_on:
             log.info(
                 "FLAVA selection switched on at step %d (AVM accuracy EMA %.2f)",
@@ -257,39 +307,28 @@ class Worker:
         return stats
 
     def _publish(
-        self, clips: list[tuple[Delivery, Clip]], report: BatchReport, before: tuple[int, int]
+        self, clips: list[tuple[Delivery, Clip]], report: BatchReport, before: Stamp
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed every clip, write each embedding with its model stamp and ack it.
+        """Embed every clip, publish each embedding with its model stamp; the acks wait for
+        the checkpoint that holds this update.
 
         Returns the embeddings (a (B, D), v (B, D)) for the monitors."""
-        emb_a, emb_v, (version, step) = self._embed(clips, before)
-        finite = torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)
-        now, done = time.time(), []
-        for i, (d, _) in enumerate(clips):
-            if not finite[i]:
-                self._dead(
-                    d, "non-finite embedding (NaN/inf in the decoded clip or the model)", report
-                )
-                continue
-            emb = wire.Embedding(
-                audio=emb_a[i].float().cpu().tolist(),
-                video=emb_v[i].float().cpu().tolist(),
-                model_version=version,
-                step=step,
-                method=self.settings.method,
-                written_at=now,
-            )
-            done.append((d, emb, "learned" if d.entry.purpose == "train" else "probed"))
-        if done:
-            self._retry(self.queue.finish_many, done)  # one round trip for the batch
-        for _, _, state in done:
+        emb_a, emb_v, stamp = self._embed(clips, before)
+        deliveries = [d for d, _ in clips]
+        items, published = embeddings_for(deliveries, emb_a, emb_v, stamp, self.settings.method)
+        for d in published.non_finite:
+            self._dead(d, "non-finite embedding (NaN/inf in the decoded clip or the model)", report)
+        if items:
+            self._retry(self.queue.publish_many, items)  # one round trip for the batch
+        for d, state in published.settles:
+            self.checkpoints.record(d, state, trained=state == "learned")
             self._count(state, report)
         return emb_a, emb_v
 
     def _embed(
-        self, clips: list[tuple[Delivery, Clip]], before: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """-> (emb_a, emb_v, (model_version, step) that made them).
+        self, clips: list[tuple[Delivery, Clip]], before: Stamp
+    ) -> tuple[torch.Tensor, torch.Tensor, Stamp]:
+        """-> (emb_a, emb_v, the stamp of the weights that made them).
 
         FLAVA's step already ran every current clip through the first layers over all
         tokens without gradients; finishing that pass gives the embeddings for ~1/6 of a
@@ -300,10 +339,9 @@ class Worker:
         if self.settings.embed_with == "pre_update" and pre is not None and all_train:
             return pre.emb_a, pre.emb_v, before
         emb_a, emb_v = self.learner.embed(_batch([c for _, c in clips]))
-        return emb_a, emb_v, (self.counters.version, self.counters.step)
+        return emb_a, emb_v, Stamp(self.version, self.counters.step)
 
     def _count(self, state: str, report: BatchReport) -> None:
-        telemetry.CLIPS.labels(state).inc()
         if state == "learned":
             report.learned += 1
             self.counters.clips_learned += 1
@@ -322,6 +360,7 @@ class Worker:
         now = time.time()
         if not force and now - self._last_heartbeat < self.settings.heartbeat_s:
             return
+        self.queue.take_lease(self.settings.lease_ttl_s)
         self.queue.heartbeat(self.model_info(now))
         backlog, pending, dead = self.queue.depths()
         telemetry.BACKLOG.set(backlog)
@@ -329,18 +368,19 @@ class Worker:
         telemetry.DEAD_LETTERS.set(dead)
         telemetry.HEARTBEAT.set(now)
         self._last_heartbeat = now
-        if self.counters.step - self._last_checkpoint_step >= self.settings.checkpoint_every:
-            self.checkpoint()
 
     def model_info(self, now: float) -> dict[str, str | int | float]:
         c = self.counters
         return {
             "version": c.version,
+            "generation": c.generation,
             "step": c.step,
             "method": self.settings.method,
             "preset": self.settings.preset,
             "clips_learned": c.clips_learned,
             "updated_at": now,
+            "unacked": self.checkpoints.waiting,
+            "checkpoint_error": self.checkpoints.error,
             **self._selection_info(),
         }
 
@@ -355,41 +395,39 @@ class Worker:
             "selection_step": -1 if switched is None else switched,
         }
 
-    def checkpoint(self) -> None:
-        state = {
+    def _snapshot(self) -> tuple[str, dict]:
+        """-> (version, state) for the next checkpoint (tensors still live: the
+        checkpointer copies them before training goes on)."""
+        return self.version, {
+            "format": FORMAT,
             "learner": self.learner.state_dict(),
             "counters": vars(self.counters).copy(),
             "method": self.settings.method,
             "preset": self.settings.preset,
             "monitor": self.monitor.state_dict(),  # probe sets and forgetting history
         }
-        save_checkpoint(
-            self.settings.checkpoint_dir,
-            self.counters.version,
-            state,
-            self.settings.keep_checkpoints,
-        )
-        self._last_checkpoint_step = self.counters.step
 
     def restore(self) -> bool:
-        """Resume from the newest checkpoint; else warm-start from ``init_weights`` if set."""
-        path = latest_checkpoint(self.settings.checkpoint_dir)
-        if path is None:
+        """Resume from the newest readable checkpoint; else warm-start from ``init_weights``."""
+        newest = load_newest(self.settings.checkpoint_dir, _fell_back)
+        if newest is None:
             init = resolve_init_weights(self.settings.init_weights, self.settings.preset)
             if init is not None:
                 warm_start(self.learner, init)
             return False
-        state = load_checkpoint(path)
+        path, state = newest
         if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):
             raise ValueError(
                 f"checkpoint {path} is {state['method']}/{state['preset']}, settings ask for "
                 f"{self.settings.method}/{self.settings.preset}: use another FLAVA_CHECKPOINT_DIR"
             )
         self.learner.load_state_dict(state["learner"])
-        self.counters = Counters(**state["counters"])
-        self._last_checkpoint_step = self.counters.step
+        self.counters = Counters.restored(state["counters"])
+        if "ledger" in state:  # format 2: the ledger chain continues from this checkpoint
+            self.checkpoints.head = state["ledger"]["hash"]
+            self.durable_settles = {cid: s for cid, s in state["settles"]}
         self._restore_monitor(state, path)
-        log.info("resumed from %s at version %d", path, self.counters.version)
+        log.info("resumed from %s at %d updates", path, self.counters.updates)
         return True
 
     def _restore_monitor(self, state: dict, path: Path) -> None:
@@ -411,18 +449,34 @@ class Worker:
         )
 
     def _retry(self, fn: Callable, *args, stop: threading.Event | None = None, **kwargs):
-        """Call ``fn``; on a Redis outage back off (0.1 s doubling to 5 s) and try again."""
+        """Call ``fn``; on a Redis outage or transient reply back off (0.1 s doubling to 5 s)
+        and try again. ``NOGROUP`` (Redis lost its data): recreate the group, then retry."""
         delay = 0.1
         while True:
             try:
                 return fn(*args, **kwargs)
-            except REDIS_ERRORS as exc:
+            except RedisError as exc:
+                if lost_group(exc):
+                    self._queue_reset()
+                elif not transient(exc):
+                    raise
                 telemetry.REDIS_ERRORS.inc()
                 log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
                 if stop is not None and stop.is_set():
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _queue_reset(self) -> None:
+        telemetry.QUEUE_RESETS.inc()
+        self._ahead = None
+        self.checkpoints.forget_tail()
+        self.queue.recover_group()
+
+
+def _fell_back(path: Path, exc: Exception) -> None:
+    telemetry.CHECKPOINT_FALLBACKS.inc()
+    log.error("checkpoint %s is unreadable (%r): falling back to the one before it", path, exc)
 
 
 def _batch(clips: list[Clip]) -> Batch:
@@ -432,7 +486,7 @@ def _batch(clips: list[Clip]) -> Batch:
     )
 
 
-def _record_stats(stats: StepStats, version: int) -> None:
+def _record_stats(stats: StepStats, counters: Counters) -> None:
     values = stats.as_dict()
     telemetry.STEP_SECONDS.observe(values.get("step_seconds", 0.0))
     for term in ("loss", "loss_rec_a", "loss_rec_v", "loss_nce", "loss_avm", "loss_der"):
@@ -447,4 +501,5 @@ def _record_stats(stats: StepStats, version: int) -> None:
     telemetry.SELECTION_ACTIVE.set(1 if values.get("selection") else 0)
     telemetry.MEMORY_FILL.set(values.get("memory_fill", 0))
     telemetry.MEMORY_BYTES.set(values.get("memory_bytes", 0))
-    telemetry.MODEL_VERSION.set(version)
+    telemetry.MODEL_VERSION.set(counters.updates)
+    telemetry.GENERATION.set(counters.generation)

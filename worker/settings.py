@@ -29,15 +29,21 @@ class WorkerSettings(BaseSettings):
     device: str = "auto"  # auto -> cuda when available, else cpu
     batch_size: int = 8
     block_ms: int = 1000  # XREADGROUP block time when the stream is empty
-    claim_min_idle_ms: int = 120_000  # reclaim other consumers' entries idle this long
+    claim_min_idle_ms: int = 120_000  # reclaim entries of consumers with no heartbeat this long
     max_deliveries: int = 5  # an entry delivered more often goes to the dead-letter stream
     decode_processes: int = 2  # clips decode in this many processes, beside the update
     decode_timeout_s: float = 60.0  # a clip still decoding this long is dead-lettered
     decode_nice: int = 10  # decode processes yield the cores to the update (0: same priority)
     checkpoint_dir: str = "var/checkpoints"
-    checkpoint_every: int = 50  # steps between checkpoints (and one at shutdown)
+    # checkpoints (worker/checkpointing.py): a clip is acked once one holds its update, after
+    # `checkpoint_every` updates, `checkpoint_interval_s` seconds or an idle stream, whichever
+    # comes first (and one at shutdown)
+    checkpoint_every: int = 50
+    checkpoint_interval_s: float = 15.0
+    checkpoint_on_idle: bool = True
     keep_checkpoints: int = 3
     heartbeat_s: float = 5.0
+    lease_ttl_s: float = 60.0  # one learner per group; after a crash another waits this long
     metrics_port: int = 0  # 0: no /metrics server
     seed: int = 0
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)

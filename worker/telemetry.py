@@ -30,12 +30,44 @@ SELECTION_ACTIVE = Gauge(
 AVM_ACCURACY = Gauge("flava_avm_accuracy_ratio", "AVM matching accuracy on the last batch")
 MEMORY_FILL = Gauge("flava_replay_memory_clips", "Clips held in the replay memory")
 MEMORY_BYTES = Gauge("flava_replay_memory_bytes", "Bytes held by the replay memory")
-MODEL_VERSION = Gauge("flava_model_version", "Version of the model the worker publishes")
+MODEL_VERSION = Gauge(
+    "flava_model_version", "Updates (N of the version G.N) of the model the worker publishes"
+)
+GENERATION = Gauge("flava_model_generation", "Generation (G of G.N) the worker publishes")
 BACKLOG = Gauge("flava_worker_backlog_clips", "Clips accepted and not yet acked (worker view)")
 PENDING = Gauge("flava_pending_clips", "Entries delivered to a consumer and not yet acked")
 DEAD_LETTERS = Gauge("flava_worker_dead_letter_clips", "Entries in the dead-letter stream")
 HEARTBEAT = Gauge("flava_worker_heartbeat_timestamp_seconds", "Unix time of the last heartbeat")
 REDIS_ERRORS = Counter("flava_worker_redis_errors_total", "Redis errors the worker retried")
+QUEUE_RESETS = Counter(
+    "flava_queue_resets_total", "Times the consumer group was gone (Redis lost its data)"
+)
+
+# ---- durability (worker.checkpointing): an ack means the clip is in a durable checkpoint
+CHECKPOINTS = Counter("flava_checkpoints_total", "Checkpoint writes, by result", ["result"])
+CHECKPOINT_SECONDS = Histogram(
+    "flava_checkpoint_write_seconds",
+    "Time to write one checkpoint (off the training thread)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CHECKPOINT_SNAPSHOT_SECONDS = Histogram(
+    "flava_checkpoint_snapshot_seconds",
+    "Training-thread time to snapshot the state for a checkpoint",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+CHECKPOINT_FAILING = Gauge(
+    "flava_checkpoint_failing", "1 while checkpoints cannot be written (acks have stopped)"
+)
+CHECKPOINT_FALLBACKS = Counter(
+    "flava_checkpoint_fallbacks_total", "Unreadable newest checkpoints skipped on restore"
+)
+DURABLE_VERSION = Gauge("flava_durable_updates", "Updates (N of G.N) in the newest checkpoint")
+UNACKED = Gauge("flava_unacked_clips", "Clips published and waiting for a durable checkpoint")
+LEARNED_SECONDS = Histogram(
+    "flava_ingest_to_learned_seconds",
+    "Time from a clip's ingest to its ack (its update durable)",
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 300),
+)
 
 # ---- drift and forgetting monitors (worker.monitoring); window label = task tag, bounded
 DRIFT_MMD2 = Gauge(

@@ -8,7 +8,7 @@ from tests.queueing import LIMITS, dead_letter, deliver, enqueue
 
 
 def test_embedding_round_trip_keeps_float32_values():
-    emb = wire.Embedding([0.1, -2.5, 3.0], [1.0, 0.0, -1.0], 7, 9, "flava", 12.25)
+    emb = wire.Embedding([0.1, -2.5, 3.0], [1.0, 0.0, -1.0], "2.7", 9, "flava", 12.25)
     back = wire.Embedding.from_fields(
         {
             k.encode(): (v if isinstance(v, bytes) else v.encode())
@@ -18,10 +18,20 @@ def test_embedding_round_trip_keeps_float32_values():
     assert back.audio == pytest.approx([0.1, -2.5, 3.0], abs=1e-7)
     assert (back.video, back.model_version, back.step, back.method) == (
         [1.0, 0.0, -1.0],
-        7,
+        "2.7",
         9,
         "flava",
     )
+
+
+def test_model_versions_order_by_generation_then_updates():
+    v = wire.ModelVersion.parse
+    assert v("3.1520") == wire.ModelVersion(3, 1520) and str(v("3.1520")) == "3.1520"
+    assert v("2.900") < v("2.1000") < v("3.10")  # numeric, and N may restart lower in G+1
+    assert v(17) == v("17") == wire.ModelVersion(0, 17)  # written before generations existed
+    for bad in ("", "1.2.3", "a.1", "-1.2"):
+        with pytest.raises(ValueError, match="G.N"):
+            v(bad)
 
 
 def test_unpack_refuses_partial_floats():
@@ -117,3 +127,14 @@ def test_the_first_ingest_creates_the_epoch_and_later_ones_keep_it(client, prefi
     first = wire.QueueEpoch.decode(client.get(keys.epoch))
     enqueue(client, keys, b"e2")
     assert wire.QueueEpoch.decode(client.get(keys.epoch)) == first
+
+
+def test_an_ack_releases_the_bytes(client, prefix):
+    keys = wire.Keys(prefix)
+    cid = enqueue(client, keys, b"a" * 1000)
+    ids = deliver(client, keys)
+    ack = client.register_script(wire.ACK_SCRIPT)
+    ack_keys = [keys.stream, keys.clip(cid), keys.backlog, keys.blob(cid)]
+    assert ack(keys=ack_keys, args=[wire.GROUP, ids[cid], "learned", 1]) == 1
+    assert ack(keys=ack_keys, args=[wire.GROUP, ids[cid], "learned", 1]) == 0  # once only
+    assert (int(client.get(keys.backlog)), int(client.get(keys.backlog_bytes))) == (0, 0)

@@ -55,8 +55,12 @@ def test_batch_is_learned_embedded_and_acked(settings, client, clips, prefix):
     assert report.stats is not None and report.stats.loss > 0
     for cid in ids:
         emb = wire.Embedding.from_fields(client.hgetall(keys.embedding(cid)))
-        assert emb.model_version == 1 and emb.step == 1
+        assert emb.model_version == "1.1" and emb.step == 1  # generation 1, one update
         assert len(emb.audio) == len(emb.video) == w.model_cfg.dim
+        assert client.hget(keys.clip(cid), "state") == b"embedded"
+    assert w.queue.depths() == (4, 4, 0)  # pending until a checkpoint holds the update
+    assert w.settle()
+    assert all(client.hget(keys.clip(cid), "state") == b"learned" for cid in ids)
     assert w.queue.depths() == (0, 0, 0)
 
 
@@ -72,10 +76,10 @@ def test_flava_publishes_pre_update_embeddings_stamped_with_that_version(
     assert settings.method == "flava" and settings.embed_with == "pre_update"
     expected_a, _ = w.learner.embed(_batch([decode_clip(c, w.media_cfg) for c in clips[:4]]))
     w.iterate()
-    assert w.counters.version == 1
+    assert w.counters.updates == 1
     for i, cid in enumerate(ids):
         emb = wire.Embedding.from_fields(client.hgetall(keys.embedding(cid)))
-        assert (emb.model_version, emb.step) == (0, 0)  # made by the weights before the update
+        assert (emb.model_version, emb.step) == ("1.0", 0)  # made by the weights before it
         assert torch.allclose(torch.tensor(emb.audio), expected_a[i], atol=1e-4)
 
 
@@ -83,10 +87,12 @@ def test_undecodable_clip_is_dead_lettered_and_worker_goes_on(settings, client, 
     keys = wire.Keys(prefix)
     bad = enqueue(client, keys, b"\x00\x00\x00\x18ftypmp42 this is not a video")
     good = [enqueue(client, keys, c) for c in clips[:2]]
-    report = started(settings, client).iterate()
+    w = started(settings, client)
+    report = w.iterate()
     assert (report.learned, report.dead) == (2, 1)
     assert "Undecodable" in report.reasons[0] or "NoVideo" in report.reasons[0]
     assert client.hget(keys.clip(bad), "state") == b"dead"
+    w.settle()
     assert all(client.hget(keys.clip(c), "state") == b"learned" for c in good)
 
 
@@ -99,7 +105,8 @@ def test_duplicate_delivery_is_not_trained_twice(settings, client, clips, prefix
     client.xadd(keys.stream, entry.to_fields())  # a stray second entry for a learned clip
     report = w.iterate()
     assert (report.duplicates, report.learned) == (1, 0)
-    assert w.counters.version == 1
+    assert w.counters.updates == 1
+    assert w.settle() and w.queue.depths()[1] == 0  # the second entry is acked too
 
 
 def test_probe_clips_are_embedded_but_not_trained(settings, client, clips, prefix):
@@ -107,9 +114,9 @@ def test_probe_clips_are_embedded_but_not_trained(settings, client, clips, prefi
     cid = enqueue(client, keys, clips[5], purpose="probe")
     w = started(settings, client)
     report = w.iterate()
-    assert (report.probed, report.learned, w.counters.version) == (1, 0, 0)
-    assert client.hget(keys.clip(cid), "state") == b"probed"
-    assert wire.Embedding.from_fields(client.hgetall(keys.embedding(cid))).model_version == 0
+    assert (report.probed, report.learned, w.counters.updates) == (1, 0, 0)
+    assert w.settle() and client.hget(keys.clip(cid), "state") == b"probed"
+    assert wire.Embedding.from_fields(client.hgetall(keys.embedding(cid))).model_version == "1.0"
 
 
 def test_over_delivered_entry_is_dead_lettered(settings, client, clips, prefix):
@@ -120,27 +127,30 @@ def test_over_delivered_entry_is_dead_lettered(settings, client, clips, prefix):
     first.start()
     first.queue.next_batch(4, 10)  # delivered, then the worker "crashes"
     report = started(settings, client).iterate()
-    assert report.dead == 1 and "delivered 2 times" in report.reasons[0]
+    assert report.dead == 1 and "delivered 2 times without an update" in report.reasons[0]
     assert client.hget(keys.clip(cid), "state") == b"dead"
 
 
-def test_restart_resumes_from_checkpoint_versions_never_go_back(settings, client, clips, prefix):
+def test_restart_resumes_from_checkpoint_in_a_new_generation(settings, client, clips, prefix):
     keys = wire.Keys(prefix)
     for c in clips[:4]:
         enqueue(client, keys, c)
     w = started(settings, client)
     w.iterate()
-    w.checkpoint()
+    assert w.settle()  # 1.1 durable, its clips acked
     weights = {k: v.clone() for k, v in w.learner.model.state_dict().items()}
-    for c in clips[4:8]:
-        enqueue(client, keys, c)
-    w.iterate()  # version 2 published, not checkpointed
+    tail = [enqueue(client, keys, c) for c in clips[4:8]]
+    w.iterate()  # 1.2 published, not checkpointed: the worker "crashes"
     w.heartbeat(force=True)
+    w.pool.shutdown()
     again = started(settings, client)
-    assert again.counters.step == 1
-    assert again.counters.version == 2  # the published version wins over the checkpoint's 1
+    assert (again.counters.step, again.version) == (1, "2.1")  # 1.2 is never named again
     restored = again.learner.model.state_dict()
     assert all(bool((restored[k] == v).all()) for k, v in weights.items())
+    report = again.iterate()  # exactly the un-checkpointed tail comes back and is relearned
+    assert sorted(d.entry.clip_id for d, _ in again.checkpoints.tail.settles) == sorted(tail)
+    assert (report.learned, report.dead, again.version) == (4, 0, "2.2")
+    assert again.settle() and again.queue.depths() == (0, 0, 0)
 
 
 def test_run_stops_on_event_and_checkpoints(settings, client, clips, prefix, tmp_path):
@@ -150,8 +160,9 @@ def test_run_stops_on_event_and_checkpoints(settings, client, clips, prefix, tmp
     settings.max_steps = 1
     w = Worker(settings, client)
     w.run(threading.Event())
-    assert w.counters.version == 1
-    assert list((tmp_path / "ckpt").glob("ckpt-0000000001.pt"))
+    assert w.version == "1.1"
+    assert list((tmp_path / "ckpt").glob("ckpt-000001-0000000001.pt"))
+    assert w.queue.depths() == (0, 0, 0)  # acked once that checkpoint was durable
 
 
 def test_non_finite_loss_skips_update_and_publishes_nothing_from_it(settings, client, clips):
@@ -162,7 +173,7 @@ def test_non_finite_loss_skips_update_and_publishes_nothing_from_it(settings, cl
     clip = decode_clip(clips[0], w.media_cfg)
     clip.fbank[0, 0] = float("nan")
     stats = w._learn([(_train_delivery(), clip)])
-    assert stats.skipped and w.counters.version == 0 and w.counters.step == 1
+    assert stats.skipped and w.counters.updates == 0 and w.counters.step == 1
     after = w.learner.model.state_dict()
     assert all(bool(torch.equal(after[k], v)) for k, v in before.items())
 
@@ -180,10 +191,10 @@ def test_next_batch_is_read_and_decoded_during_the_update(settings, client, clip
     w = started(settings, client)
     first = w.iterate()
     assert first.learned == 4 and w._ahead is not None and len(w._ahead.deliveries) == 4
-    assert w.queue.depths()[1] == 4  # read ahead: delivered to us, not acked yet
+    assert w.queue.depths()[1] == 8  # 4 held for the checkpoint, 4 read ahead
     second = w.iterate()
-    assert second.learned == 4 and w.counters.version == 2
-    assert w.queue.depths() == (0, 0, 0)
+    assert second.learned == 4 and w.counters.updates == 2
+    assert w.queue.depths()[1] == 8 and w.settle() and w.queue.depths() == (0, 0, 0)
 
 
 def test_a_clip_learned_while_its_duplicate_was_read_ahead_is_not_trained_twice(
@@ -196,7 +207,7 @@ def test_a_clip_learned_while_its_duplicate_was_read_ahead_is_not_trained_twice(
     w = started(settings, client)
     assert w.iterate().learned == 4 and len(w._ahead.deliveries) == 1
     report = w.iterate()
-    assert (report.duplicates, report.learned, w.counters.version) == (1, 0, 1)
+    assert (report.duplicates, report.learned, w.counters.updates) == (1, 0, 1)
 
 
 def test_stop_finishes_the_batch_read_ahead(settings, client, clips, prefix):
@@ -209,7 +220,7 @@ def test_stop_finishes_the_batch_read_ahead(settings, client, clips, prefix):
     stop.set()
     w.run(stop)  # stopped before its first iteration: only the batch in hand is finished
     assert all(client.hget(keys.clip(c), "state") == b"learned" for c in ids)
-    assert w.queue.depths() == (0, 0, 0) and w.counters.version == 2
+    assert w.queue.depths() == (0, 0, 0) and w.counters.updates == 2
 
 
 def test_no_read_ahead_on_the_last_allowed_step(settings, client, clips, prefix):
@@ -219,7 +230,7 @@ def test_no_read_ahead_on_the_last_allowed_step(settings, client, clips, prefix)
     settings.max_steps = 1
     w = started(settings, client)
     w.iterate()
-    assert w._ahead is None and w.queue.depths()[1] == 0
+    assert w._ahead is None and w.queue.depths()[1] == 4  # only the batch in hand, held
 
 
 def test_cold_start_takes_init_weights_and_reports_selection_warmup(
@@ -327,18 +338,23 @@ def test_restart_restores_probe_sets_and_forgetting_history(
 
 
 def test_checkpoint_without_monitor_state_still_loads(settings, client, clips, prefix, caplog):
-    from worker.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from worker.checkpoint import (
+        checkpoint_name,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     keys = wire.Keys(prefix)
     enqueue(client, keys, clips[5], purpose="probe", task=f"t-{prefix}")
     w = started(settings, client)
     w.iterate()
-    w.checkpoint()
+    w.settle()
     w.pool.shutdown()
     state = load_checkpoint(latest_checkpoint(settings.checkpoint_dir))
     assert len(state["monitor"]["windows"][0]["ids"]) == 1
     del state["monitor"]  # a checkpoint written before the monitor was checkpointed
-    save_checkpoint(settings.checkpoint_dir, 1, state)
+    save_checkpoint(settings.checkpoint_dir, checkpoint_name(5, 0), state)
     with caplog.at_level(logging.INFO, logger="worker.runner"):
         again = started(settings, client)
     again.pool.shutdown()

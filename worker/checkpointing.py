@@ -1,0 +1,198 @@
+"""When to checkpoint, and acking what a checkpoint made durable.
+
+The worker publishes a clip's embedding right after the update that included it, then
+hands the delivery to the :class:`Checkpointer` (``record``). A checkpoint snapshots the
+state on the training thread (a tensor copy), writes it on a background thread
+(worker/checkpoint.py) and, once the file is durable, acks every clip recorded before the
+snapshot: state ``learned`` (``probed`` for probes). A crash before that re-delivers them.
+
+Policy (:class:`CheckpointPolicy`): after ``every_updates`` updates, after ``every_s``
+seconds with clips waiting, or as soon as the stream goes idle with clips waiting, whichever
+comes first. A failed write (disk full, unwritable directory) keeps the clips waiting,
+stops acking, raises ``flava_checkpoint_failing`` and is retried every ``retry_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker import telemetry
+from worker.checkpoint import (
+    GENESIS,
+    CheckpointJob,
+    CheckpointWriter,
+    LedgerSegment,
+    checkpoint_name,
+    detached_copy,
+)
+from worker.queue import ClipQueue, Delivery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Checkpoint after ``every_updates`` updates, ``every_s`` seconds or an idle stream."""
+
+    every_updates: int = 50
+    every_s: float = 15.0  # bounds ingest -> learned when updates are slow (base on a CPU)
+    on_idle: bool = True  # a quiet stream acks what it holds at once
+    retry_s: float = 5.0  # after a failed write
+
+    @classmethod
+    def from_settings(cls, settings) -> CheckpointPolicy:
+        """From WorkerSettings' ``checkpoint_every``/``_interval_s``/``_on_idle``."""
+        return cls(
+            settings.checkpoint_every, settings.checkpoint_interval_s, settings.checkpoint_on_idle
+        )
+
+    def due(self, updates: int, waiting: int, since_s: float, idle: bool) -> bool:
+        if updates >= self.every_updates:
+            return True
+        return waiting > 0 and (since_s >= self.every_s or (idle and self.on_idle))
+
+
+@dataclass
+class Tail:
+    """What was published since the last snapshot: it is acked once a checkpoint holds it."""
+
+    settles: list[tuple[Delivery, str]] = field(default_factory=list)  # (delivery, final state)
+    trained: list[str] = field(default_factory=list)  # clip ids of training clips, in order
+
+    def __len__(self) -> int:
+        return len(self.settles)
+
+
+class Checkpointer:
+    """Owns the checkpoint directory's writer, the ledger head and the clips awaiting an ack.
+
+    ``snapshot()`` -> the state to save (the runner's learner, counters, monitor);
+    ``retry`` calls a Redis operation until it succeeds (the runner's backoff)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int,
+        policy: CheckpointPolicy,
+        queue: ClipQueue,
+        retry: Callable[..., Any],
+    ):
+        self.policy = policy
+        self.queue = queue
+        self.retry = retry
+        self.writer = CheckpointWriter(directory, keep)
+        self.head = GENESIS  # ledger hash of the newest durable checkpoint
+        self.tail = Tail()
+        self.in_flight: CheckpointJob | None = None
+        self.updates_since = 0
+        self.error = ""  # why the last write failed; "" once one succeeds
+        self._last = time.monotonic()  # last snapshot (or failed attempt)
+
+    # ---- what the loop tells it ---------------------------------------------------------
+    def record(self, delivery: Delivery, state: str, trained: bool) -> None:
+        """A published clip (or a second entry of one): acked as ``state`` once a checkpoint
+        holds its update; ``trained`` ones go into the ledger."""
+        self.tail.settles.append((delivery, state))
+        if trained:
+            self.tail.trained.append(delivery.entry.clip_id)
+        telemetry.UNACKED.set(self.waiting)
+
+    def holds(self, clip_id: str) -> bool:
+        """Whether ``clip_id`` was published by this process and waits for a checkpoint."""
+        waiting = self.tail.settles + (self.in_flight.settles if self.in_flight else [])
+        return any(d.entry.clip_id == clip_id for d, _ in waiting)
+
+    def updated(self) -> None:
+        self.updates_since += 1
+
+    @property
+    def waiting(self) -> int:
+        """Clips published and not yet acked (in the tail or in the write in flight)."""
+        return len(self.tail) + (len(self.in_flight.settles) if self.in_flight else 0)
+
+    def forget_tail(self) -> None:
+        """After Redis lost its data the held entries are gone: nothing left to ack."""
+        self.tail = Tail()
+        if self.in_flight is not None:
+            self.in_flight.settles.clear()
+
+    # ---- the policy -----------------------------------------------------------------------
+    def tick(self, snapshot: Callable[[], tuple[str, dict]], idle: bool) -> None:
+        """Ack what became durable; start a checkpoint if one is due and none is in flight."""
+        self._settle(wait=False)
+        if self.in_flight is not None:
+            return
+        since = time.monotonic() - self._last
+        if self.error and since < self.policy.retry_s:
+            return
+        if self.policy.due(self.updates_since, len(self.tail), since, idle):
+            self._start(*snapshot())
+
+    def flush(self, snapshot: Callable[[], tuple[str, dict]]) -> bool:
+        """Checkpoint now and wait for it (shutdown, tests); True if everything is acked."""
+        self._settle(wait=True)
+        if len(self.tail) or self.updates_since:
+            self._start(*snapshot())
+            self._settle(wait=True)
+        return not self.error and self.waiting == 0
+
+    # ---- writing and settling -------------------------------------------------------------
+    def _start(self, version: str, state: dict) -> None:
+        """Snapshot on this thread (tensor copies), write on the writer's thread."""
+        started = time.perf_counter()
+        segment = LedgerSegment.after(self.head, version, self.tail.trained)
+        generation, updates = (int(x) for x in version.split("."))
+        state = {
+            **detached_copy(state),
+            "ledger": vars(segment),
+            "settles": [[d.entry.clip_id, s] for d, s in self.tail.settles],
+        }
+        job = CheckpointJob(checkpoint_name(generation, updates), state, segment)
+        job.settles = self.tail.settles
+        self.tail, self.updates_since, self._last = Tail(), 0, time.monotonic()
+        self.in_flight = job
+        self.writer.submit(job)
+        telemetry.CHECKPOINT_SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
+
+    def _settle(self, wait: bool) -> None:
+        job = self.writer.finished(wait=wait) if self.in_flight is not None else None
+        if job is None:
+            return
+        self.in_flight = None
+        if job.error is not None:
+            self._failed(job)
+            return
+        self.head = job.segment.hash
+        self.error = ""
+        telemetry.CHECKPOINTS.labels("written").inc()
+        telemetry.CHECKPOINT_SECONDS.observe(job.seconds)
+        telemetry.CHECKPOINT_FAILING.set(0)
+        telemetry.DURABLE_VERSION.set(int(job.segment.version.split(".")[1]))
+        log.info("checkpoint %s durable in %.2f s", job.name, job.seconds)
+        self._ack(job.settles)
+
+    def _failed(self, job: CheckpointJob) -> None:
+        """Keep the job's clips waiting (in front of newer ones); the next try writes all."""
+        self.error = f"{type(job.error).__name__}: {job.error}"
+        log.error("checkpoint %s failed (%s): acks stop until one succeeds", job.name, self.error)
+        telemetry.CHECKPOINTS.labels("failed").inc()
+        telemetry.CHECKPOINT_FAILING.set(1)
+        self.tail = Tail(job.settles + self.tail.settles, job.segment.clip_ids + self.tail.trained)
+        self.updates_since += 1  # the failed snapshot's updates still need a checkpoint
+
+    def _ack(self, settles: list[tuple[Delivery, str]]) -> None:
+        if settles:
+            self.retry(self.queue.ack_many, settles)
+        now = time.time()
+        for d, _ in settles:
+            telemetry.LEARNED_SECONDS.observe(max(0.0, now - d.entry.received_at))
+        telemetry.UNACKED.set(self.waiting)
+
+    def ack_durable(self, items: list[tuple[Delivery, str]]) -> None:
+        """Ack re-deliveries of clips the restored checkpoint already holds (no retraining)."""
+        self._ack(items)
