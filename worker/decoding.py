@@ -9,15 +9,24 @@ never takes the learner's GIL, so decoding the next batch overlaps the current u
 decoder that crashes on a hostile clip takes down only its process.
 
 Results cross the process boundary as numpy arrays (copied, no shared-memory handles to leak).
+
+The decode processes die with their worker, even a SIGKILLed one: they are the worker's own
+children ('spawn', not a forkserver's), and each asks the kernel for SIGKILL when its parent
+dies (PR_SET_PDEATHSIG). Once they are gone, multiprocessing's resource tracker sees the last
+writer close its pipe and exits too. Nothing is left to pile up across restarts.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -29,6 +38,8 @@ from worker.core.media import Clip, MediaConfig, MediaError, decode_clip
 
 log = logging.getLogger(__name__)
 MISSING_BLOB = "clip bytes expired or missing (claim-check blob not found)"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+START_TIMEOUT_S = 300.0  # spawning the decode processes (each imports torch) takes seconds
 
 
 @dataclass(frozen=True)
@@ -44,13 +55,30 @@ class Decoded:
         return Clip(torch.from_numpy(self.fbank), torch.from_numpy(self.frames), self.duration_s)
 
 
-def init_decode_process(nice: int = 0) -> None:
+def init_decode_process(nice: int = 0, parent_pid: int | None = None) -> None:
     """Initializer of every decode process: torch on one thread (see the module docstring),
     and ``nice`` added to its scheduling niceness, so that decoding the next batch takes the
-    cores the update leaves idle rather than slowing the update down."""
+    cores the update leaves idle rather than slowing the update down. With ``parent_pid``,
+    the process dies when that parent does."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     torch.set_num_threads(1)
     if nice:
         os.nice(nice)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux), or exit now if it already has.
+
+    The signal follows the parent *thread* that started the process: DecodePool starts its
+    processes from the thread that builds it and submits (the worker's loop), which lives as
+    long as the pool. The getppid check closes the race of a parent dying before the prctl."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def decode_blob(blob: bytes | None, cfg: MediaConfig) -> Decoded | str:
@@ -76,53 +104,76 @@ class PendingDecode:
     submitted: float  # time.monotonic() at submit: the decode deadline counts from here
 
 
+Decode = Callable[[bytes | None, MediaConfig], "Decoded | str"]
+
+
 class DecodePool:
     """``processes`` decode processes; ``submit`` now, ``result`` later (in any order).
 
-    A decode process that dies (FFmpeg crashing on a hostile clip) breaks the whole pool:
-    the pool is rebuilt and each clip it held is decoded once more, alone; a clip that kills
-    its process again is reported as a reason string, to be dead-lettered.
+    A decode process that dies (FFmpeg crashing on a hostile clip) breaks the whole pool, and
+    a decode past its deadline gets the processes killed (a hung FFmpeg cannot be interrupted):
+    either way the pool is rebuilt, and each other clip it held (running, so broken, or queued,
+    so cancelled) is decoded once more, alone, with a fresh deadline. A clip that kills its
+    process again is reported as a reason string, to be dead-lettered.
     """
 
-    def __init__(self, processes: int, cfg: MediaConfig, timeout_s: float = 60.0, nice: int = 0):
+    def __init__(
+        self,
+        processes: int,
+        cfg: MediaConfig,
+        timeout_s: float = 60.0,
+        nice: int = 0,
+        decode: Decode = decode_blob,
+    ):
         self.processes = max(1, processes)
         self.cfg = cfg
         self.timeout_s = timeout_s  # a clip still decoding this long after submit is refused
         self.nice = nice  # added to the decode processes' niceness
+        self.decode = decode  # a module-level function (it is pickled to the processes)
         self.generation = 0
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        # forkserver: children fork from a clean server that imported this module once, so a
-        # (re)start is fast and never inherits the learner's OpenMP threads
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return ProcessPoolExecutor(
+        """Start the processes and wait until each is up, so that a clip's deadline measures
+        its decode, not the seconds a spawned process takes to import torch."""
+        executor = ProcessPoolExecutor(
             self.processes,
-            mp_context=context,
+            mp_context=multiprocessing.get_context("spawn"),  # children of this process
             initializer=init_decode_process,
-            initargs=(self.nice,),
+            initargs=(self.nice, os.getpid()),
         )
+        ready = [executor.submit(os.getpid) for _ in range(self.processes)]  # one spawn each
+        for future in ready:
+            future.result(timeout=START_TIMEOUT_S)
+        return executor
 
     def submit(self, blob: bytes | None) -> PendingDecode:
-        future = self._executor.submit(decode_blob, blob, self.cfg)
+        future = self._executor.submit(self.decode, blob, self.cfg)
         return PendingDecode(blob, future, self.generation, time.monotonic())
 
     def result(self, pending: PendingDecode) -> Decoded | str:
         """The decoded clip or the reason it cannot be used."""
+        if pending.generation != self.generation and not _succeeded(pending.future):
+            return self._retry(pending)  # its processes were replaced while it waited
+        outcome = self._wait(pending)
+        return self._retry(pending) if outcome is None else outcome
+
+    def _wait(self, pending: PendingDecode) -> Decoded | str | None:
+        """The outcome by the clip's deadline; None if its processes were lost under it."""
         left = pending.submitted + self.timeout_s - time.monotonic()
         try:
             return pending.future.result(timeout=max(left, 0.0))
         except FutureTimeout:
             return self._give_up(pending)
-        except BrokenProcessPool:
+        except (BrokenProcessPool, CancelledError):
             log.warning("a decode process died; restarting the pool and retrying its clips")
-        self._restart(pending.generation)
-        try:
-            return self._executor.submit(decode_blob, pending.blob, self.cfg).result()
-        except BrokenProcessPool:
-            self._restart(self.generation)
-            return "the decoder process crashed on this clip (twice)"
+            self._restart(pending.generation)
+            return None
+
+    def _retry(self, pending: PendingDecode) -> Decoded | str:
+        """Decode a clip once more, alone on the current processes, with a fresh deadline."""
+        outcome = self._wait(self.submit(pending.blob))
+        return "the decoder process crashed on this clip (twice)" if outcome is None else outcome
 
     def _give_up(self, pending: PendingDecode) -> str:
         """A decode past its deadline: stop its processes (a hung FFmpeg cannot be
@@ -143,3 +194,7 @@ class DecodePool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -80,3 +83,59 @@ def test_decode_processes_run_at_a_lower_priority():
         assert child == os.nice(0) + 5
     finally:
         pool.shutdown()
+
+
+def sleepy_decode(blob: bytes | None, cfg: MediaConfig):
+    """decode_blob, except that bytes starting with b"slow" hang (as a hostile clip can)."""
+    if blob is not None and blob.startswith(b"slow"):
+        time.sleep(60)
+    return decode_blob(blob, cfg)
+
+
+def test_two_slow_clips_in_one_batch_each_get_a_deadline_and_the_rest_decodes(clip_bytes):
+    pool = DecodePool(2, CFG, timeout_s=1.0, decode=sleepy_decode)
+    try:
+        batch = [pool.submit(b"slow-1"), pool.submit(b"slow-2"), pool.submit(clip_bytes)]
+        started = time.monotonic()
+        results = [pool.result(pending) for pending in batch]  # no CancelledError escapes
+        assert results[:2] == ["decoding took longer than 1 s"] * 2
+        # slow-2 was running when slow-1's restart killed it: retried alone, it met its own
+        # deadline instead of hanging the worker; the queued clip was cancelled and retried
+        assert torch.equal(results[2].clip().fbank, decode_clip(clip_bytes, CFG).fbank)
+        assert pool.generation == 2
+        assert time.monotonic() - started < 60
+    finally:
+        pool.shutdown()
+
+
+def test_a_clip_retried_after_a_crash_still_has_a_deadline(clip_bytes):
+    pool = DecodePool(1, CFG, timeout_s=1.0, decode=sleepy_decode)
+    try:
+        crash = pool._executor.submit(os._exit, 3)  # breaks the pool under the slow clip
+        slow = PendingDecode(b"slow", crash, pool.generation, time.monotonic())
+        started = time.monotonic()
+        assert pool.result(slow) == "decoding took longer than 1 s"  # the retry, not forever
+        assert time.monotonic() - started < 60
+    finally:
+        pool.shutdown()
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_decode_processes_die_with_a_sigkilled_worker():
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "tests.worker.decode_owner"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        left_behind = descendants(owner.pid)
+        assert len(left_behind) >= 2  # the decode processes (and the resource tracker)
+    finally:
+        owner.kill()  # SIGKILL: no cleanup code of the owner runs
+        owner.wait()
+    _, alive = psutil.wait_procs(left_behind, timeout=10)
+    for process in alive:
+        process.kill()  # so a failure does not leave them running either
+    assert [p.cmdline() for p in alive] == []
