@@ -56,6 +56,17 @@ def test_redis_persists_with_appendonly_on_a_named_volume(compose):
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
 
 
+def test_redis_memory_is_capped_without_eviction_above_the_byte_backlog(compose):
+    from service.settings import ApiSettings
+
+    args = services(compose)["redis"]["command"]
+    option = {k: v for k, v in zip(args[1::2], args[2::2], strict=True)}
+    assert option["--maxmemory-policy"] == "noeviction"  # never evict a queued clip's blob
+    limit = int(option["--maxmemory"].removesuffix("gb")) * 1024**3
+    backlog = int(env(services(compose)["api"]).get("FLAVA_MAX_BACKLOG_BYTES", 0))
+    assert limit > (backlog or ApiSettings(api_token="x").max_backlog_bytes)
+
+
 def test_api_healthcheck_token_and_dependency(compose):
     api = services(compose)["api"]
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
