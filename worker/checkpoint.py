@@ -93,15 +93,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_newest(directory: str | Path, on_fallback: Callable[[Path, Exception], None]):
-    """-> (path, state) of the newest checkpoint that loads, or None.
+def load_newest(
+    directory: str | Path,
+    on_fallback: Callable[[Path, Exception], None],
+    complete: Callable[[dict], Any] = lambda state: None,
+):
+    """-> (path, state, complete(state)) of the newest checkpoint that loads, or None.
 
-    A corrupt or truncated file is skipped (``on_fallback`` says so) and the one before it
-    is tried, so a damaged newest file never crash-loops the worker. A format error is not
-    damage: it is raised."""
+    ``complete`` reads what the checkpoint refers to (its memory segments). A corrupt or
+    truncated file, or a missing part, is skipped (``on_fallback`` says so) and the one
+    before it is tried, so a damaged newest file never crash-loops the worker. A format
+    error is not damage: it is raised."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
+            return path, state, complete(state)
         except CheckpointFormatError:
             raise
         except Exception as exc:  # truncated zip, bad pickle, I/O error: try the previous one
@@ -208,6 +214,9 @@ class CheckpointJob:
     state: dict  # tensors already copied: training may go on while this is written
     segment: LedgerSegment
     settles: list[Any] = field(default_factory=list)  # handed back once durable
+    before: Callable[[], None] | None = None  # writes what the checkpoint refers to
+    after: Callable[[list[str]], None] | None = None  # given the kept checkpoints' names
+    memory_segments: list[Any] = field(default_factory=list)  # written by ``before``
     error: BaseException | None = None
     seconds: float = 0.0
 
@@ -227,7 +236,8 @@ class CheckpointWriter:
     """Writes one checkpoint at a time on a background thread.
 
     ``submit`` returns at once; ``finished`` hands back the job once it is durable (or
-    failed: ``job.error``). The ledger line is appended and fsynced before the rename."""
+    failed: ``job.error``). Order: ``job.before`` (the memory segments), the ledger line
+    (appended, fsynced), the checkpoint (renamed into place), ``job.after`` (cleanup)."""
 
     def __init__(self, directory: str | Path, keep: int):
         self.directory = Path(directory)
@@ -258,8 +268,12 @@ class CheckpointWriter:
         started = time.perf_counter()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if job.before is not None:
+                job.before()
             append_ledger(self.directory, job.segment)
             save_checkpoint(self.directory, job.name, job.state, self.keep)
+            if job.after is not None:
+                job.after([p.name for p in list_checkpoints(self.directory)])
         except BaseException as exc:  # disk full, unwritable: the caller keeps the tail
             job.error = exc
         job.seconds = time.perf_counter() - started

@@ -15,6 +15,7 @@ stops acking, raises ``flava_checkpoint_failing`` and is retried every ``retry_s
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from worker.checkpoint import (
     checkpoint_name,
     detached_copy,
 )
+from worker.core.memory import ReplayMemory
 from worker.queue import ClipQueue, Delivery
+from worker.segments import MemorySegments
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,9 @@ class Checkpointer:
     """Owns the checkpoint directory's writer, the ledger head and the clips awaiting an ack.
 
     ``snapshot()`` -> the state to save (the runner's learner, counters, monitor);
-    ``retry`` calls a Redis operation until it succeeds (the runner's backoff)."""
+    ``retry`` calls a Redis operation until it succeeds (the runner's backoff). A replay
+    ``memory`` is not in the snapshot: its changes go to segment files (worker/segments.py)
+    and the learner state's ``extra.memory`` lists them."""
 
     def __init__(
         self,
@@ -81,11 +86,15 @@ class Checkpointer:
         policy: CheckpointPolicy,
         queue: ClipQueue,
         retry: Callable[..., Any],
+        memory: ReplayMemory | None = None,
     ):
         self.policy = policy
         self.queue = queue
         self.retry = retry
         self.writer = CheckpointWriter(directory, keep)
+        self.memory = memory
+        capacity = memory.capacity if memory is not None else 0
+        self.segments = MemorySegments(Path(directory), capacity)
         self.head = GENESIS  # ledger hash of the newest durable checkpoint
         self.tail = Tail()
         self.in_flight: CheckpointJob | None = None
@@ -147,13 +156,20 @@ class Checkpointer:
         started = time.perf_counter()
         segment = LedgerSegment.after(self.head, version, self.tail.trained)
         generation, updates = (int(x) for x in version.split("."))
-        state = {
+        name = checkpoint_name(generation, updates)
+        job = CheckpointJob(name, {}, segment, settles=self.tail.settles)
+        if self.memory is not None:  # its changes as a segment; the state lists the segments
+            listed = self.segments.take(self.memory, version)
+            state["learner"]["extra"]["memory"] = {"segments": listed}
+            pending = list(self.segments.unwritten)
+            job.before = lambda: self.segments.write(pending)
+            job.after = lambda kept: self.segments.collect(name, listed, kept)
+            job.memory_segments = pending
+        job.state = {
             **detached_copy(state),
             "ledger": vars(segment),
             "settles": [[d.entry.clip_id, s] for d, s in self.tail.settles],
         }
-        job = CheckpointJob(checkpoint_name(generation, updates), state, segment)
-        job.settles = self.tail.settles
         self.tail, self.updates_since, self._last = Tail(), 0, time.monotonic()
         self.in_flight = job
         self.writer.submit(job)
@@ -169,6 +185,7 @@ class Checkpointer:
             return
         self.head = job.segment.hash
         self.error = ""
+        self.segments.written(job.memory_segments)
         telemetry.CHECKPOINTS.labels("written").inc()
         telemetry.CHECKPOINT_SECONDS.observe(job.seconds)
         telemetry.CHECKPOINT_FAILING.set(0)
@@ -178,7 +195,7 @@ class Checkpointer:
 
     def _failed(self, job: CheckpointJob) -> None:
         """Keep the job's clips waiting (in front of newer ones); the next try writes all."""
-        self.error = f"{type(job.error).__name__}: {job.error}"
+        self.error = f"{type(job.error).__name__}: {job.error} ({_free(self.writer.directory)})"
         log.error("checkpoint %s failed (%s): acks stop until one succeeds", job.name, self.error)
         telemetry.CHECKPOINTS.labels("failed").inc()
         telemetry.CHECKPOINT_FAILING.set(1)
@@ -196,3 +213,11 @@ class Checkpointer:
     def ack_durable(self, items: list[tuple[Delivery, str]]) -> None:
         """Ack re-deliveries of clips the restored checkpoint already holds (no retraining)."""
         self._ack(items)
+
+
+def _free(directory: Path) -> str:
+    """Free space where checkpoints go: a full disk is the usual cause of a failed write."""
+    try:
+        return f"{shutil.disk_usage(directory).free} bytes free on {directory}"
+    except OSError as exc:
+        return f"{directory}: {exc.strerror}"

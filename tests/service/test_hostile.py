@@ -263,6 +263,7 @@ def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, p
     worker.start()
     while worker.iterate() is not None:
         pass
+    assert worker.settle()  # acked once a checkpoint holds them
     if r.status_code == 202:
         state = client.hget(keys.clip(r.json()["clip_id"]), "state")
         assert state in (b"learned", b"dead")

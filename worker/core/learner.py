@@ -34,6 +34,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from worker.core.memory import ReplayMemory
 from worker.core.model import AVMAE, MAEOutput, ModelConfig, random_split
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,10 @@ class Learner:
     def take_step_embeddings(self) -> PreUpdateEmbeddings | None:
         """The embeddings the last ``step`` made of its clips, once (taking clears them);
         None when it made none (then embed the clips with ``embed``)."""
+        return None
+
+    def replay_memory(self) -> ReplayMemory | None:
+        """The replay memory, for checkpoints that store it as segments; None without one."""
         return None
 
     def selection_state(self) -> SelectionState | None:

@@ -19,6 +19,10 @@ unpatchifies it into a clip-shaped fbank/frames, then uses `ids` as the keep-set
 backbone sees exactly the stored patches at their original positions (20% of L visible, the
 rest reconstructed) and never reads the zeros. No re-selection happens, so C/I are not stored.
 
+Checkpoints do not rewrite the whole memory (1.2 GB at `tiny`'s capacity): ``take_changes``
+returns only the rows written since the previous call, with the reservoir's counters, and
+``apply_changes`` replays such segments in order onto an empty memory.
+
 Reservoir rule: the n-th clip seen (1-based) fills slot n-1 while the memory is not full;
 afterwards it replaces a uniformly drawn slot with probability capacity / n. Every clip seen
 so far is therefore in memory with probability capacity / n.
@@ -54,6 +58,7 @@ class ReplayMemory:
         self._device = torch.device(device)
         self._seen = 0
         self._fields: dict[str, Tensor] = {}
+        self._changed: set[int] = set()  # slots written since the last take_changes()
 
     @property
     def capacity(self) -> int:
@@ -110,6 +115,38 @@ class ReplayMemory:
             "rng_state": self._generator.get_state(),
         }
 
+    def take_changes(self, everything: bool = False) -> dict:
+        """The rows written since the last call (all stored rows if ``everything``), as a
+        segment for ``apply_changes``: {"seen", "rng_state", "slots": (n,) int64,
+        "rows": field -> (n, ...) copies}. Clears the record of changes."""
+        changed = set(range(len(self))) if everything else self._changed
+        slots = torch.tensor(sorted(changed), dtype=torch.long)
+        self._changed = set()
+        return {
+            "capacity": self._capacity,
+            "seen": self._seen,
+            "rng_state": self._generator.get_state(),
+            "slots": slots,
+            "rows": {name: t[slots.to(self._device)].cpu() for name, t in self._fields.items()},
+        }
+
+    def forget_changes(self) -> None:
+        """Treat every row as saved (after rebuilding the memory from its segments)."""
+        self._changed = set()
+
+    def apply_changes(self, segment: dict) -> None:
+        """Replay a ``take_changes`` segment (segments in the order they were taken)."""
+        if segment["capacity"] != self._capacity:
+            raise ValueError(f"capacity {segment['capacity']} != this memory's {self._capacity}")
+        rows = segment["rows"]
+        if rows and not self._fields:
+            self._allocate(rows)
+        slots = segment["slots"].to(self._device)
+        for name, t in self._fields.items():
+            t[slots] = rows[name].to(self._device, t.dtype)
+        self._seen = int(segment["seen"])
+        self._generator.set_state(segment["rng_state"])
+
     def load_state_dict(self, state: dict) -> None:
         if state["capacity"] != self._capacity:
             raise ValueError(f"capacity {state['capacity']} != this memory's {self._capacity}")
@@ -120,6 +157,7 @@ class ReplayMemory:
         self._fields = fields
         self._seen = int(state["seen"])
         self._generator.set_state(state["rng_state"])
+        self._changed = set(range(len(self)))  # not in any segment yet
 
     def _check(self, items: dict[str, Tensor]) -> int:
         """Validate a batch against the stored fields; returns its batch size."""
@@ -157,6 +195,7 @@ class ReplayMemory:
         last = {slot: clip for clip, slot in enumerate(slots) if slot >= 0}
         if not last:
             return
+        self._changed.update(last)
         dst = torch.tensor(list(last), dtype=torch.long, device=self._device)
         src = torch.tensor(list(last.values()), dtype=torch.long)
         for name, t in self._fields.items():

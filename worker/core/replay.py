@@ -45,6 +45,9 @@ class ReplayLearner(Learner):
     def extra_state(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict()}
 
+    def replay_memory(self) -> ReplayMemory:
+        return self.memory
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.memory.load_state_dict(state["memory"])
 
