@@ -337,13 +337,27 @@ async def healthz() -> dict:
 
 
 async def readyz(state: State) -> JSONResponse:
-    """Readiness: Redis answers and some worker sent a heartbeat recently."""
+    """Readiness: Redis answers and some worker sent a heartbeat recently.
+
+    Also says whether learning is durable: while the worker cannot write checkpoints (a
+    full disk) it keeps serving embeddings but acks nothing; ``checkpoint_error`` says why
+    and ``unacked`` how many clips wait (the API stays ready: accepting clips loses none)."""
     await state.redis.ping()
     metrics.REDIS_UP.set(1)
     newest = await state.redis.zrevrange(state.keys.workers, 0, 0, withscores=True)
+    model = await state.redis.hmget(state.keys.model, ["checkpoint_error", "unacked", "version"])
     age = time.time() - float(newest[0][1]) if newest else None
     ready = age is not None and age <= state.settings.heartbeat_max_age_s
-    body = {"redis": "ok", "worker_heartbeat_age_s": age, "ready": ready}
+    error, unacked, version = (v.decode() if v else None for v in model)
+    body = {
+        "redis": "ok",
+        "worker_heartbeat_age_s": age,
+        "ready": ready,
+        "model_version": version,
+        "durable": not error,
+        "checkpoint_error": error or None,
+        "unacked": int(unacked) if unacked else 0,
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -206,7 +206,8 @@ class Checkpointer:
         if settles:
             self.retry(self.queue.ack_many, settles)
         now = time.time()
-        for d, _ in settles:
+        for d, state in settles:
+            telemetry.CLIPS.labels(state).inc()  # learned | probed: counted once durable
             telemetry.LEARNED_SECONDS.observe(max(0.0, now - d.entry.received_at))
         telemetry.UNACKED.set(self.waiting)
 

@@ -69,7 +69,7 @@ def test_promtool_accepts_the_shipped_config():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_has_the_four_rows_and_uses_the_provisioned_datasource():
+def test_dashboard_has_its_rows_and_uses_the_provisioned_datasource():
     source = yaml.safe_load(
         (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
     )
@@ -78,7 +78,7 @@ def test_dashboard_has_the_four_rows_and_uses_the_provisioned_datasource():
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-        assert rows == ["Stream", "Learning", "Drift", "Forgetting"]
+        assert rows == ["Stream", "Learning", "Drift", "Forgetting", "Durability"]
         panels = [p for p in all_panels(dashboard) if p["type"] != "row"]
         assert len({p["id"] for p in all_panels(dashboard)}) == len(all_panels(dashboard))
         for p in panels:
@@ -101,6 +101,10 @@ def test_every_metric_a_dashboard_queries_is_defined_by_a_process():
         for title, expr in expressions(json.loads(path.read_text())):
             for name in re.findall(r"\bflava_\w+", expr):
                 assert name in defined, f"{title}: {name} is not defined"
+    for group in yaml.safe_load((ROOT / "deploy/alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            for name in re.findall(r"\bflava_\w+", rule["expr"]):
+                assert name in defined, f"alert {rule['alert']}: {name} is not defined"
 
 
 # ---- live ----------------------------------------------------------------------------------
@@ -139,6 +143,7 @@ def localhost_config(api_port: int, worker_port: int, path: Path) -> Path:
     assert {job["job_name"] for job in config["scrape_configs"]} == set(ports)
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+    config["rule_files"] = [str(ROOT / "deploy" / f) for f in config["rule_files"]]
     path.write_text(yaml.safe_dump(config))
     return path
 

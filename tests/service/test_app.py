@@ -167,6 +167,11 @@ def test_readyz_needs_fresh_worker_heartbeat(api, sync_redis, prefix):
     assert api.get("/readyz").status_code == 503
     sync_redis.zadd(wire.Keys(prefix).workers, {"w1": time.time()})
     assert api.get("/readyz").json()["ready"] is True
+    model = wire.Keys(prefix).model
+    sync_redis.hset(model, mapping={"checkpoint_error": "OSError: disk full", "unacked": 12})
+    body = api.get("/readyz").json()  # still ready: clips are accepted and kept
+    assert (body["ready"], body["durable"], body["unacked"]) == (True, False, 12)
+    assert body["checkpoint_error"] == "OSError: disk full"
 
 
 def test_redis_down_answers_503(clip):
