@@ -9,6 +9,8 @@
 2. step     flava vs er vs finetune at one preset and batch: step time (round robin in one
             process, so load drifts hit every method alike) and peak memory (each method in
             its own process: the profiler's memory timeline, and the peak-RSS growth).
+2b. checkpoint  one checkpoint interval with its checkpoint vs without (overhead), and a
+            restart's restore + replay of that interval vs the interval (bench/perf_checkpoint.py).
 3. service  clips/s from POST /ingest to embedding written (real API, worker and redis-server
             processes) against the learner's own steps on the same clips, pre-decoded.
 4. ingest   POST /ingest of 1 MB clips at concurrency 8 against redis-py running the same
@@ -33,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.perf_checkpoint import bench_checkpoint
 from bench.perfkit import (
     Comparison,
     Stats,
@@ -77,6 +80,10 @@ class PerfConfig:
     flops_base: bool = True  # also count FLOPs of one base-preset step (batch 2; ~3 min CPU)
     service: dict[str, Any] = field(default_factory=dict)  # ServiceConfig overrides
     profile: bool = False  # py-spy the worker and the API while they are measured
+    # checkpoint overhead at the worker's default interval and batch (bench/perf_checkpoint.py)
+    checkpoint: dict[str, Any] = field(
+        default_factory=lambda: {"presets": ("tiny", "small"), "blocks": 4}
+    )
 
     @classmethod
     def quick_config(cls) -> PerfConfig:
@@ -90,7 +97,8 @@ class PerfConfig:
             "embed_rounds": 2,
             "real_payload": False,
         }
-        return cls(True, 3, 2.0, "tiny", 2, 1, 2, False, service)
+        checkpoint = {"presets": ("tiny",), "blocks": 2, "every": 3, "batch": 2}
+        return cls(True, 3, 2.0, "tiny", 2, 1, 2, False, service, False, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------
@@ -454,6 +462,8 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
             comparisons.append(bench_decode(cfg, workdir))
         if "step" in only:
             comparisons += bench_step(cfg)
+        if "checkpoint" in only:
+            comparisons += bench_checkpoint(**cfg.checkpoint)
         service_cfg = ServiceConfig(**{**cfg.service, "profile": cfg.profile})
         comparisons += run_service_benches(service_cfg, workdir, only)
     meta = {
@@ -473,7 +483,7 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="minimal sizes (under two minutes)")
-    p.add_argument("--only", default="decode,step,service,ingest,embed")
+    p.add_argument("--only", default="decode,step,checkpoint,service,ingest,embed")
     p.add_argument("--profile", action="store_true", help="py-spy the worker and the API")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

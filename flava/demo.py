@@ -18,8 +18,10 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from contract import wire
 from flava.procs import free_port, spawn, terminate
@@ -47,6 +49,7 @@ class Streamed:
     train: list[str]  # training clip ids
     probes: list[str]  # probe clip ids
     probe_bytes: list[tuple[int, bytes]]  # (segment index, MP4) of every probe, for eval
+    accepted_at: dict[str, float] = field(default_factory=dict)  # clip id -> time of its 202
 
 
 @dataclass
@@ -66,13 +69,15 @@ def run_demo(cfg: DemoConfig) -> int:
     try:
         wait_ready(client, services)
         streamed = stream_segments(cfg, client)
-        answers = client.wait_embedded(streamed.train + streamed.probes, "learning", cfg.timeout_s)
+        clips = streamed.train + streamed.probes
+        answers = client.wait_embedded(clips, "learning", cfg.timeout_s, durable=True)
         summary, model = wait_for_monitor(services.redis_url)
     finally:
         client.close()
         stop_services(services)
     evaluation = evaluate_probes(cfg, streamed, workdir)
     report = build_report(cfg, answers, streamed.train, (summary, model), evaluation)
+    report["learned_latency_s"] = learned_latency(answers, streamed.accepted_at)
     print_report(cfg, report, summary, services, workdir)
     if cfg.report_json:
         cfg.report_json.write_text(json.dumps(report, indent=2) + "\n")
@@ -161,14 +166,19 @@ def stream_segments(cfg: DemoConfig, client: ApiClient) -> Streamed:
     for seg, task in enumerate(segment_names(cfg)):
         for spec in scene_specs(scenes, seg, cfg.probes_per_segment, cfg.seed, "heldout"):
             data = make_scene_clip(spec, scenes)
-            out.probes.append(client.ingest(data, task, "probe")["clip_id"])
+            out.probes.append(_accepted(out, client.ingest(data, task, "probe")))
             out.probe_bytes.append((seg, data))
             bar.update(len(out.train) + len(out.probes), f"{task} probes")
         for spec in scene_specs(scenes, seg, cfg.clips_per_segment, cfg.seed, "train"):
-            out.train.append(client.ingest(make_scene_clip(spec, scenes), task)["clip_id"])
+            out.train.append(_accepted(out, client.ingest(make_scene_clip(spec, scenes), task)))
             bar.update(len(out.train) + len(out.probes), f"{task} training")
     bar.close()
     return out
+
+
+def _accepted(out: Streamed, answer: dict) -> str:
+    out.accepted_at[answer["clip_id"]] = time.time()
+    return answer["clip_id"]
 
 
 def evaluate_probes(cfg: DemoConfig, streamed: Streamed, workdir: Path) -> dict:
@@ -273,6 +283,17 @@ def build_report(
     }
 
 
+def learned_latency(answers: dict[str, dict], accepted_at: dict[str, float]) -> dict | None:
+    """Client-observed seconds from a clip's 202 to /embed reporting it learned (or probed):
+    durable in a checkpoint. Observed by polling, so each figure is late by up to one sweep
+    over the clips still waiting."""
+    waits = [a["seen_at"] - accepted_at[c] for c, a in answers.items() if a.get("state")]
+    if not waits:
+        return None
+    p50, p99 = np.percentile(waits, [50, 99])
+    return {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "max": round(max(waits), 1)}
+
+
 def _sample(answer: dict | None) -> dict | None:
     if answer is None:
         return None
@@ -314,6 +335,12 @@ def print_report(
             f"sample /embed      : clip {sample['clip_id'][:16]}... v{sample['model_version']}"
             f" step {sample['step']} dim {sample['dim']}"
             f" audio[:4]={[round(x, 4) for x in sample['audio_head']]}"
+        )
+    latency = report.get("learned_latency_s")
+    if latency:
+        print(
+            f"ingest -> learned  : p50 {latency['p50']} s, p99 {latency['p99']} s, max "
+            f"{latency['max']} s (202 to durable in a checkpoint, as /embed reports it)"
         )
     print(f"selection          : {_selection_line(report)}")
     acc = report["avm_matching_acc"]

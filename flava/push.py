@@ -68,16 +68,22 @@ class ApiClient:
         r = self.http.get("/embed", params={"clip_id": clip_id})
         return r.status_code, r.json()
 
-    def wait_embedded(self, clip_ids: list[str], label: str, timeout_s: float) -> dict[str, dict]:
-        """Poll /embed until every clip is ready (200) or dead (410); shows progress."""
+    def wait_embedded(
+        self, clip_ids: list[str], label: str, timeout_s: float, durable: bool = False
+    ) -> dict[str, dict]:
+        """Poll /embed until every clip is ready (200) or dead (410); shows progress.
+
+        ``durable``: until its update is in a checkpoint (state learned / probed), not only
+        embedded. Each answer gets ``seen_at`` (time.time() when the poll saw it)."""
         done: dict[str, dict] = {}
         bar, deadline = Progress(label, len(clip_ids)), time.monotonic() + timeout_s
         while len(done) < len(clip_ids) and time.monotonic() < deadline:
             for cid in clip_ids:
                 if cid not in done:
                     status, body = self.embed(cid)
-                    if status in (200, 410):
-                        done[cid] = body
+                    settled = not durable or body.get("state") in ("learned", "probed")
+                    if status == 410 or (status == 200 and settled):
+                        done[cid] = {**body, "seen_at": time.time()}
             bar.update(len(done))
             time.sleep(0.2)
         bar.close()

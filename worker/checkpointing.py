@@ -31,6 +31,7 @@ from worker.checkpoint import (
     checkpoint_name,
     detached_copy,
 )
+from worker.core.learner import Learner
 from worker.core.memory import ReplayMemory
 from worker.queue import ClipQueue, Delivery
 from worker.segments import MemorySegments
@@ -130,6 +131,25 @@ class Checkpointer:
         if self.in_flight is not None:
             self.in_flight.settles.clear()
 
+    # ---- restoring ------------------------------------------------------------------------
+    def read_segments(self, state: dict) -> list[dict] | None:
+        """The memory segments a checkpoint lists, read (raises if one is missing)."""
+        listed = state["learner"].get("extra", {}).get("memory", {}).get("segments")
+        return None if listed is None else self.segments.load(listed)
+
+    def load_learner(self, learner: Learner, saved: dict, segments: list[dict] | None) -> None:
+        """Weights, optimizer and method state; the memory from its segments, if listed
+        (a format-1 checkpoint holds the memory whole)."""
+        memory = learner.replay_memory()
+        if segments is None or memory is None:
+            learner.load_state_dict(saved)
+            return
+        listed = saved["extra"]["memory"]["segments"]
+        self.segments.restore(memory, listed, segments)
+        saved["extra"]["memory"] = memory.state_dict()
+        learner.load_state_dict(saved)
+        memory.forget_changes()  # already on disk: the next segment starts from here
+
     # ---- the policy -----------------------------------------------------------------------
     def tick(self, snapshot: Callable[[], tuple[str, dict]], idle: bool) -> None:
         """Ack what became durable; start a checkpoint if one is due and none is in flight."""
@@ -141,6 +161,10 @@ class Checkpointer:
             return
         if self.policy.due(self.updates_since, len(self.tail), since, idle):
             self._start(*snapshot())
+
+    def wait(self) -> None:
+        """Wait for the checkpoint in flight (if any) and ack what it made durable."""
+        self._settle(wait=True)
 
     def flush(self, snapshot: Callable[[], tuple[str, dict]]) -> bool:
         """Checkpoint now and wait for it (shutdown, tests); True if everything is acked."""

@@ -410,7 +410,8 @@ class Worker:
 
     def restore(self) -> bool:
         """Resume from the newest readable checkpoint; else warm-start from ``init_weights``."""
-        newest = load_newest(self.settings.checkpoint_dir, _fell_back, self._memory_segments)
+        directory = self.settings.checkpoint_dir
+        newest = load_newest(directory, _fell_back, self.checkpoints.read_segments)
         if newest is None:
             init = resolve_init_weights(self.settings.init_weights, self.settings.preset)
             if init is not None:
@@ -422,7 +423,7 @@ class Worker:
                 f"checkpoint {path} is {state['method']}/{state['preset']}, settings ask for "
                 f"{self.settings.method}/{self.settings.preset}: use another FLAVA_CHECKPOINT_DIR"
             )
-        self._load_learner(state["learner"], segments)
+        self.checkpoints.load_learner(self.learner, state["learner"], segments)
         self.counters = Counters.restored(state["counters"])
         if "ledger" in state:  # format 2: the ledger chain continues from this checkpoint
             self.checkpoints.head = state["ledger"]["hash"]
@@ -430,23 +431,6 @@ class Worker:
         self._restore_monitor(state, path)
         log.info("resumed from %s at %d updates", path, self.counters.updates)
         return True
-
-    def _memory_segments(self, state: dict) -> list[dict] | None:
-        """The memory segments a checkpoint lists, read (raises if one is missing)."""
-        listed = state["learner"].get("extra", {}).get("memory", {}).get("segments")
-        return None if listed is None else self.checkpoints.segments.load(listed)
-
-    def _load_learner(self, learner_state: dict, segments: list[dict] | None) -> None:
-        """Weights, optimizer and method state; the memory from its segments, if listed."""
-        memory = self.learner.replay_memory()
-        if segments is None or memory is None:
-            self.learner.load_state_dict(learner_state)
-            return
-        listed = learner_state["extra"]["memory"]["segments"]
-        self.checkpoints.segments.restore(memory, listed, segments)
-        learner_state["extra"]["memory"] = memory.state_dict()
-        self.learner.load_state_dict(learner_state)
-        memory.forget_changes()  # already on disk: the next segment starts from here
 
     def _restore_monitor(self, state: dict, path: Path) -> None:
         """The monitor's probes and history; a checkpoint without them starts it empty."""

@@ -34,6 +34,8 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys, monkeypatch):
     assert report["clips_learned"] == 16 and report["probes"] == 8
     assert report["chance_r1"] == 100 / 8  # one own pair among every segment's probes
     assert wire.ModelVersion.parse(report["model_version"]).updates >= 2
+    latency = report["learned_latency_s"]  # every clip was waited for until durable
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 300
     for seg in ("segment-0", "segment-1"):
         figures = report["segments"][seg]
         assert 0.0 <= figures["r1_a2v"] <= 100.0 and 0.0 <= figures["r1_v2a"] <= 100.0
