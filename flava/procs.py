@@ -107,6 +107,12 @@ class RedisProcess:
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
     def stop(self) -> None:
+        """SIGTERM (Redis finishes its AOF), then SIGKILL if it has not exited in 10 s (a
+        replica still syncing can ignore the first signal for long on a loaded machine)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)

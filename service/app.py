@@ -27,10 +27,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from contract import wire
+from contract.faults import unavailable
 from service import metrics
 from service.probe import ProbeError, ProbeLimits, probe_clip
 from service.settings import ApiSettings
-from service.unavailable import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ async def readyz(state: State) -> JSONResponse:
     model = await state.redis.hmget(state.keys.model, ["checkpoint_error", "unacked", "version"])
     age = time.time() - float(newest[0][1]) if newest else None
     ready = age is not None and age <= state.settings.heartbeat_max_age_s
-    error, unacked, version = (v.decode() if v else None for v in model)
+    error, unacked, version = (v.decode() if isinstance(v, bytes) else v for v in model)
     body = {
         "redis": "ok",
         "worker_heartbeat_age_s": age,

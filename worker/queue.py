@@ -8,8 +8,9 @@ published and not yet acked are **held**, and a re-read never hands them out aga
 Every path that removes an entry from the pending list goes through one Lua script of
 :mod:`contract.wire`, so the embedding or dead letter is written before the ack.
 
-Redis faults: :func:`transient` names the errors to retry (outages, ``OOM``, ``READONLY``,
-``BUSY``, ``LOADING``); ``NOGROUP`` means Redis lost its data: :meth:`ClipQueue.recover_group`.
+Redis faults: :func:`transient` names the errors to retry (contract/faults.py: outages,
+``OOM``, ``READONLY``, ``BUSY``, ``LOADING``); ``NOGROUP`` means Redis lost its data
+(:func:`lost_group`): :meth:`ClipQueue.recover_group`.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import wire
+from contract.faults import unavailable
 
 log = logging.getLogger(__name__)
-TRANSIENT_REPLIES = ("OOM ", "READONLY ", "BUSY ", "LOADING ", "MASTERDOWN ", "TRYAGAIN ")
-
 # KEYS: lease. ARGV: consumer, ttl_ms. Take or renew the lease; returns its holder.
 LEASE_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
@@ -42,15 +40,7 @@ return holder
 
 def transient(exc: BaseException) -> bool:
     """An error that goes away by itself: retry with backoff, never a training failure."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
-
-
-def lost_group(exc: BaseException) -> bool:
-    """``NOGROUP`` (or XINFO's "no such key"): the stream or its group is gone, i.e. Redis
-    lost its data."""
-    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "no such key"))
+    return unavailable(exc) is not None
 
 
 def stream_id(entry_id: str) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import torch
 from redis.exceptions import RedisError
 
 from contract import wire
+from contract.faults import lost_group
 from worker import telemetry
 from worker.builtin import resolve_init_weights
 from worker.checkpoint import FORMAT, load_newest, next_generation, remove_stale_temps
@@ -45,7 +46,7 @@ from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
 from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.publishing import Stamp, embeddings_for, final_state
-from worker.queue import ClipQueue, Delivery, lost_group, transient
+from worker.queue import ClipQueue, Delivery, transient
 from worker.settings import WorkerSettings
 from worker.warmstart import warm_start
 

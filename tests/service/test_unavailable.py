@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from contract import wire
+from contract.faults import unavailable
 from flava.procs import RedisProcess
 from service.app import create_app
 from service.settings import ApiSettings
-from service.unavailable import unavailable
 from tests.worker.core.media_fixtures import ClipSpec, encode_clip
 
 PREFIX = "faults"

@@ -5,6 +5,8 @@ nothing; a full disk stops the acks, not the service; one learner per group."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -153,3 +155,76 @@ def test_version_names_are_never_reused_across_crashes(worker_settings, client, 
         assert seen.setdefault(w.version, fingerprint) == fingerprint
         w.pool.shutdown()
     assert sorted(seen) == ["1.1", "2.1", "3.1"]  # the same N, three distinct names
+
+
+# ---- Redis faults on a private redis-server ---------------------------------------------------
+@pytest.fixture
+def private_redis(tmp_path):
+    from flava.procs import RedisProcess
+
+    server = RedisProcess(
+        tmp_path / "redis", extra_args=("--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def _fill_until_oom(client: redis.Redis) -> None:
+    for i in range(2000):
+        try:
+            client.set(f"filler:{i}", b"x" * 65536)
+        except redis.exceptions.OutOfMemoryError:
+            return
+    raise AssertionError("Redis never reached its maxmemory")
+
+
+def test_an_out_of_memory_redis_is_waited_out_not_a_training_failure(
+    worker_settings, clips, private_redis
+):
+    client = redis.Redis.from_url(private_redis.url)
+    settings = worker_settings(redis_url=private_redis.url, decode_processes=1)
+    keys = wire.Keys(settings.key_prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:4]]
+    w = started(settings, client)
+    _fill_until_oom(client)
+    errors_before = telemetry.REDIS_ERRORS._value.get()
+    thread = threading.Thread(target=w.iterate)
+    thread.start()
+    time.sleep(2.0)  # the worker backs off while every write is refused
+    assert thread.is_alive() and telemetry.REDIS_ERRORS._value.get() > errors_before
+    client.config_set("maxmemory", "512mb")  # the operator makes room
+    thread.join(60)
+    assert not thread.is_alive()
+    assert w.settle()
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in ids)
+    w.pool.shutdown()
+    client.close()
+
+
+def test_a_redis_that_lost_its_data_is_a_queue_reset_not_a_crash(
+    worker_settings, clips, private_redis
+):
+    client = redis.Redis.from_url(private_redis.url)
+    settings = worker_settings(redis_url=private_redis.url, decode_processes=1)
+    keys = wire.Keys(settings.key_prefix)
+    for c in clips[:4]:
+        enqueue(client, keys, c)
+    w = started(settings, client)
+    w.iterate()  # 4 clips published, held for the checkpoint
+    private_redis.stop()
+    for f in (private_redis.workdir).rglob("*"):  # the AOF and any snapshot: data lost
+        if f.is_file():
+            f.unlink()
+    private_redis.start()
+    resets = telemetry.QUEUE_RESETS._value.get()
+    fresh = [enqueue(client, keys, c) for c in clips[4:8]]
+    w._retry(w.iterate)  # NOGROUP -> the group is recreated, then the new clips are learned
+    while w.iterate() is not None:
+        pass
+    assert telemetry.QUEUE_RESETS._value.get() > resets
+    assert w.settle()
+    assert all(client.hget(keys.clip(c), "state") == b"learned" for c in fresh)
+    assert w.counters.updates == 2  # the lost clips stay learned in the weights
+    w.pool.shutdown()
+    client.close()

@@ -8,11 +8,12 @@ import time
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from contract import wire
+from contract.faults import lost_group
 from tests.queueing import enqueue
-from worker.queue import ClipQueue, LeaseTaken, lost_group, stream_id, transient
+from worker.queue import ClipQueue, LeaseTaken, stream_id, transient
 
 
 @pytest.fixture
@@ -153,10 +154,12 @@ def test_a_lost_group_is_recreated_and_held_entries_forgotten(client, prefix):
 
 def test_transient_replies_and_stream_ids():
     assert transient(RedisConnectionError("down"))
-    assert transient(ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
-    assert transient(ResponseError("READONLY You can't write against a read only replica."))
+    assert transient(OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
+    assert transient(ReadOnlyError("You can't write against a read only replica."))
     assert transient(ResponseError("BUSY Redis is busy running a script."))
     assert not transient(ResponseError("WRONGTYPE Operation against a key"))
+    pipelined = "Command # 1 (EVALSHA ...) of pipeline caused error: 'NOGROUP No such key'"
+    assert lost_group(ResponseError(pipelined)) and not transient(ResponseError(pipelined))
     # ids of one millisecond: "…-10" sorts before "…-9" as strings, after it as ids
     ids = ["1700000000000-10", "1700000000000-9", "1699999999999-50"]
     assert min(ids, key=stream_id) == "1699999999999-50"

@@ -1,4 +1,5 @@
-"""Which Redis errors mean "not now": the API answers them 503 + Retry-After, never 500.
+"""Which Redis errors mean "not now": the API answers them 503 + Retry-After, never 500,
+and the worker waits them out with backoff, never counting them as a training failure.
 
 Each of these leaves the request unapplied (a script's first write is refused before any
 other, so INGEST_SCRIPT writes nothing), so the client may safely send it again later.
@@ -16,6 +17,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,3 +60,12 @@ def unavailable(exc: BaseException) -> Unavailable | None:
     if isinstance(exc, RedisError) and _BUSY.search(str(exc)):
         return Unavailable("redis_busy", "Redis is busy running a long script")
     return None
+
+
+# NOGROUP (or XINFO's "no such key"), also quoted inside a pipeline's error
+_LOST = re.compile(r"(^|')(NOGROUP |no such key)")
+
+
+def lost_group(exc: BaseException) -> bool:
+    """The stream or its consumer group is gone: Redis lost its data (a queue reset)."""
+    return isinstance(exc, ResponseError) and bool(_LOST.search(str(exc)))
