@@ -228,3 +228,33 @@ def test_a_redis_that_lost_its_data_is_a_queue_reset_not_a_crash(
     assert w.counters.updates == 2  # the lost clips stay learned in the weights
     w.pool.shutdown()
     client.close()
+
+
+def test_a_format_1_checkpoint_is_restored_and_continued(worker_settings, client, clips, prefix):
+    """Written before generations, the ledger and memory segments: memory held whole."""
+    from worker.checkpoint import list_checkpoints, save_checkpoint
+
+    settings = worker_settings(decode_processes=1)
+    keys = wire.Keys(prefix)
+    for c in clips[:4]:
+        enqueue(client, keys, c)
+    w = started(settings, client)
+    w.iterate()
+    w.pool.shutdown()
+    old = {  # what the worker wrote as format 1
+        "learner": w.learner.state_dict(),
+        "counters": {"version": 1, "step": 1, "clips_learned": 4},
+        "method": settings.method,
+        "preset": settings.preset,
+    }
+    save_checkpoint(settings.checkpoint_dir, "ckpt-0000000001.pt", old)
+    again = started(settings, client)
+    assert (again.counters.updates, again.version) == (1, "2.1")  # generations start above
+    assert again.learner.memory.state_dict()["seen"] == 4
+    again.iterate()  # the 4 clips were never acked: relearned
+    assert again.settle()
+    again.pool.shutdown()
+    newest = list_checkpoints(settings.checkpoint_dir)[-1]
+    listed = load_checkpoint(newest)["learner"]["extra"]["memory"]["segments"]
+    assert len(listed) == 1  # the first segment after a whole-memory checkpoint is full
+    assert len(torch.load(Path(settings.checkpoint_dir) / listed[0])["slots"]) == 8
