@@ -10,6 +10,7 @@ import threading
 import redis
 from prometheus_client import start_http_server
 
+from worker.lease import LeaseTaken
 from worker.runner import Worker
 from worker.settings import WorkerSettings
 
@@ -57,5 +58,8 @@ def run_worker(settings: WorkerSettings | None = None) -> None:
     )
     try:
         Worker(settings, client).run(stop)
+    except LeaseTaken as exc:  # a clear refusal, not a traceback
+        log.error("not starting: %s", exc)
+        raise SystemExit(2) from None
     finally:
         client.close()

@@ -27,15 +27,6 @@ from contract import wire
 from contract.faults import unavailable
 
 log = logging.getLogger(__name__)
-# KEYS: lease. ARGV: consumer, ttl_ms. Take or renew the lease; returns its holder.
-LEASE_SCRIPT = """
-local holder = redis.call('GET', KEYS[1])
-if (not holder) or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
-end
-return holder
-"""
 
 
 def transient(exc: BaseException) -> bool:
@@ -47,10 +38,6 @@ def stream_id(entry_id: str) -> tuple[int, int]:
     """ "1700000000000-12" -> (ms, seq): ids compare as numbers, not strings."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-class LeaseTaken(RuntimeError):
-    """Another learner holds the group: two plain workers would train diverging models."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +60,10 @@ class ClipQueue:
         self._publish = client.register_script(wire.PUBLISH_SCRIPT)
         self._ack = client.register_script(wire.ACK_SCRIPT)
         self._dead = client.register_script(wire.DEAD_LETTER_SCRIPT)
-        self._lease = client.register_script(LEASE_SCRIPT)
         self._own_pending = True  # re-read own pending entries until none are left
         self.held: set[str] = set()  # entry ids published, not yet acked (in the model)
 
-    # ---- the group and the lease --------------------------------------------------------
+    # ---- the group --------------------------------------------------------
     def ensure_group(self) -> None:
         try:
             self.redis.xgroup_create(self.keys.stream, wire.GROUP, id="0", mkstream=True)
@@ -98,20 +84,6 @@ class ClipQueue:
         self.ensure_group()
         self.held.clear()
         self._own_pending = True
-
-    def take_lease(self, ttl_s: float) -> None:
-        """Hold (or renew) the one-learner lease; raise LeaseTaken if another consumer has it."""
-        holder = _text(self._lease(keys=[self.keys.lease], args=[self.consumer, int(ttl_s * 1000)]))
-        if holder != self.consumer:
-            raise LeaseTaken(
-                f"consumer {holder!r} is already learning from {self.keys.stream}: a second "
-                "plain worker would train a diverging model and overwrite its published one. "
-                "Stop the other worker, or give this one another FLAVA_KEY_PREFIX."
-            )
-
-    def release_lease(self) -> None:
-        if _text(self.redis.get(self.keys.lease) or b"") == self.consumer:
-            self.redis.delete(self.keys.lease)
 
     # ---- reading ------------------------------------------------------------------------
     def claim_own_pending(self) -> int:

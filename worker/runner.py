@@ -44,6 +44,7 @@ from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_
 from worker.core.media import Clip
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
+from worker.lease import Lease
 from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.publishing import Stamp, embeddings_for, final_state
 from worker.queue import ClipQueue, Delivery, transient
@@ -110,6 +111,7 @@ class Worker:
         self.queue = ClipQueue(
             client, wire.Keys(settings.key_prefix), settings.consumer, settings.claim_min_idle_ms
         )
+        self.lease = Lease(client, self.queue.keys.lease, settings.consumer, settings.lease_ttl_s)
         self.model_cfg = preset(settings.preset)
         self.media_cfg = self.model_cfg.media()
         self.learner = learner or build_learner(
@@ -148,7 +150,7 @@ class Worker:
     def start(self) -> None:
         """Take the lease, restore the newest checkpoint, claim a generation, join the group."""
         self._retry(self.queue.ensure_group)
-        self._retry(self.queue.take_lease, self.settings.lease_ttl_s)
+        self._retry(self.lease.take)
         remove_stale_temps(self.settings.checkpoint_dir)
         resumed = self.restore()
         published = self._retry(self.queue.published_generation)
@@ -175,7 +177,7 @@ class Worker:
         finally:
             self.settle()
             self.pool.shutdown()
-            self._retry(self.queue.release_lease, stop=stop)
+            self._retry(self.lease.release, stop=stop)
             log.info("worker stopped at version %s", self.version)
 
     def settle(self) -> bool:
@@ -362,7 +364,7 @@ class Worker:
         now = time.time()
         if not force and now - self._last_heartbeat < self.settings.heartbeat_s:
             return
-        self.queue.take_lease(self.settings.lease_ttl_s)
+        self.lease.take()
         self.queue.heartbeat(self.model_info(now))
         backlog, pending, dead = self.queue.depths()
         telemetry.BACKLOG.set(backlog)

@@ -19,7 +19,7 @@ from tests.queueing import enqueue
 from worker import telemetry
 from worker.checkpoint import latest_checkpoint, ledger_chain, load_checkpoint
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
-from worker.queue import LeaseTaken
+from worker.lease import LeaseTaken
 from worker.runner import Worker
 
 
@@ -92,7 +92,7 @@ def test_every_acked_clip_is_in_the_ledger_chain_once(worker_settings, client, c
 def test_a_second_learner_refuses_to_start(worker_settings, client, prefix):
     first = started(worker_settings(consumer="first"), client)
     second = Worker(worker_settings(consumer="second"), client)
-    with pytest.raises(LeaseTaken, match="'first' is already learning"):
+    with pytest.raises(LeaseTaken, match="'first' \\(pid \\d+ on .*\\) is already learning"):
         second.start()
     first.pool.shutdown()
     second.pool.shutdown()

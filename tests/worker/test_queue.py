@@ -1,5 +1,5 @@
 """The worker's Redis side on a real Redis: delivery order, counts, publish/ack, dead letters,
-the lease, reclaiming only from gone consumers, a lost group, transient replies."""
+reclaiming only from gone consumers, a lost group, transient replies."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from contract import wire
 from contract.faults import lost_group
 from tests.queueing import enqueue
-from worker.queue import ClipQueue, LeaseTaken, stream_id, transient
+from worker.queue import ClipQueue, stream_id, transient
 
 
 @pytest.fixture
@@ -123,17 +123,6 @@ def test_ack_many_acks_a_batch_in_one_round_trip(client, prefix):
     assert q.ack_many([(d, "learned") for d in batch]) == [True, True, True]
     assert all(client.hget(keys.clip(c), "state") == b"learned" for c in ids)
     assert q.depths() == (0, 0, 0) and q.held == set()
-
-
-def test_the_lease_admits_one_learner(client, prefix):
-    first = queue(client, prefix, "first")
-    first.take_lease(30)
-    first.take_lease(30)  # renewing is fine
-    second = queue(client, prefix, "second")
-    with pytest.raises(LeaseTaken, match="first"):
-        second.take_lease(30)
-    first.release_lease()
-    second.take_lease(30)
 
 
 def test_a_lost_group_is_recreated_and_held_entries_forgotten(client, prefix):
