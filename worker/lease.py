@@ -48,12 +48,14 @@ def gone(holder: str) -> bool:
 
 
 def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("" if no such process)."""
+    """The process's start time in clock ticks since boot ("" if it is gone or a zombie:
+    killed and not yet reaped by its parent)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+    return "" if fields[0] == "Z" else fields[19]  # field 22 of stat: starttime
 
 
 class Lease:
