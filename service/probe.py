@@ -2,6 +2,11 @@
 
 Runs in the API process (no torch). It reads container headers and decodes at most one
 video frame and one audio frame, so a 10 s clip costs a few milliseconds, not a full decode.
+
+The contract with the worker (docs/media.md): anything this accepts, ``decode_clip`` decodes.
+A header without a duration (SWF, FLV without metadata) is accepted within the body-size
+limit; the worker finds the length while decoding. The probe never decodes more than
+``max_probe_packets`` packets to find out.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ class ProbeLimits:
 
     max_duration_s: float = 60.0  # the learner uses the first 10 s; longer uploads waste Redis
     min_duration_s: float = 0.2  # shorter clips carry too little audio for one fbank window
-    max_width: int = 3840
+    max_width: int = 4096  # DCI 4K (4096x2160); the worker allows up to 4096x2304 pixels
     max_height: int = 2160
+    min_side: int = 16  # smaller frames carry no picture once scaled up to the model's size
     max_streams: int = 8  # real clips have 2-4; dozens is an attack on the demuxer
     max_probe_packets: int = 400  # packets demuxed while looking for a first frame of each
 
@@ -30,7 +36,7 @@ class ProbeLimits:
 @dataclass(frozen=True)
 class ProbeResult:
     format: str
-    duration_s: float
+    duration_s: float | None  # None: the header does not say (the worker finds the length)
     width: int
     height: int
     sample_rate: int
@@ -83,6 +89,10 @@ def _inspect(container, limits: ProbeLimits) -> ProbeResult:
 def _check_size(width: int, height: int, limits: ProbeLimits) -> None:
     if width <= 0 or height <= 0:
         raise ProbeError("bad_resolution", f"video stream has no valid size ({width}x{height})")
+    if min(width, height) < limits.min_side:
+        raise ProbeError(
+            "resolution_too_small", f"{width}x{height} has a side under {limits.min_side} px"
+        )
     if width > limits.max_width or height > limits.max_height:
         raise ProbeError(
             "resolution_too_large",
@@ -90,15 +100,17 @@ def _check_size(width: int, height: int, limits: ProbeLimits) -> None:
         )
 
 
-def _duration(container, video, audio) -> float:
-    """Seconds, from the container header, else from the longest stream header."""
-    if container.duration:
+def _duration(container, video, audio) -> float | None:
+    """Seconds, from the container header, else the longest stream header; None if none says."""
+    if container.duration and container.duration > 0:
         return container.duration / av.time_base
     spans = [float(s.duration * s.time_base) for s in (video, audio) if s.duration and s.time_base]
-    return max(spans, default=0.0)
+    return max(spans, default=None)
 
 
-def _check_duration(duration: float, limits: ProbeLimits) -> None:
+def _check_duration(duration: float | None, limits: ProbeLimits) -> None:
+    if duration is None:  # bounded by the body-size limit; the worker finds the length
+        return
     if duration > limits.max_duration_s:
         raise ProbeError(
             "too_long", f"duration {duration:.1f} s exceeds {limits.max_duration_s:.0f} s"

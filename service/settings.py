@@ -22,7 +22,7 @@ class ApiSettings(BaseSettings):
     api_token: str | None = None  # when set, /ingest and /embed need "Bearer <token>"
     max_body_bytes: int = 64 * 1024 * 1024
     max_duration_s: float = 60.0
-    max_width: int = 3840
+    max_width: int = 4096  # DCI 4K
     max_height: int = 2160
     max_streams: int = 8
     blob_ttl_s: int = 24 * 3600  # claim-check bytes expire if no worker ever takes them

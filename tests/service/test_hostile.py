@@ -158,7 +158,7 @@ CORPUS = [
     ("only the first 64 bytes", lambda g: g[:64], MP4, 415, "undecodable"),
     (
         "huge resolution header",
-        lambda g: _sparse_video(4000, 16, 1),
+        lambda g: _sparse_video(5000, 16, 1),
         MP4,
         422,
         "resolution_too_large",

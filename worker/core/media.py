@@ -18,7 +18,9 @@ Audio and video of one example come from the **same time span** (the aligned win
   CenterCrop) and normalised with ImageNet mean/std.
 
 Time is measured from the container's start time. Decoding seeks to the keyframe before the first
-target and stops after the last one; audio stops after the samples it needs.
+target and stops after the last one (a seek that fails or yields nothing falls back to decoding
+from the start); audio stops after the samples it needs. A header without a duration (SWF,
+FLV without metadata) is fine: the span then starts at 0 and the audio decoded tells the length.
 
 Threads: small frames are decoded on one thread. On a small machine call this with
 ``torch.set_num_threads(1)`` (as DataLoader workers do): torch's idle OpenMP threads spin and
@@ -327,12 +329,27 @@ def frame_times(
     return list(example_window(duration_s, cfg, train=train, generator=generator).frame_times)
 
 
-def _decode_frames(data: bytes, times: list[float], size: int, seek: bool = True) -> Tensor:
+def _decode_frames(data: bytes, times: list[float], size: int) -> Tensor:
     """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised.
 
-    Seeks to the keyframe before the first target; if the demuxer lands after the target it
-    decodes again from the start.
+    Seeks to the keyframe before the first target. A seek that fails, lands after the target,
+    or leaves the decoder with no frame (no keyframe after the landing point) or an error
+    (FFmpeg's bare -1, "Operation not permitted", as Theora gives for packets out of context)
+    is abandoned: the frames are decoded again from the start, which every accepted file allows.
     """
+    try:
+        frames = _pick_frames(data, times, size, seek=True)
+    except (av.FFmpegError, UndecodableMedia) as err:  # a failed seek leaves the demuxer anywhere
+        logger.debug("decoding after a seek failed (%s): decoding from the start", err)
+        frames = None
+    if frames is None:
+        frames = _pick_frames(data, times, size, seek=False)
+    assert frames is not None  # without a seek nothing lands late
+    return frames
+
+
+def _pick_frames(data: bytes, times: list[float], size: int, seek: bool) -> Tensor | None:
+    """The frames nearest ``times``, after a seek when ``seek``; None if it landed too late."""
     with _open(data) as container:
         stream = _video_stream(container)
         _set_threads(stream)
@@ -341,10 +358,10 @@ def _decode_frames(data: bytes, times: list[float], size: int, seek: bool = True
             _seek(container, stream, targets[0])
         step = 1 / float(stream.average_rate or 25)  # for frames without a timestamp
         picked, first = _nearest_frames(container.decode(stream), targets, step)
-        if not (seek and first > targets[0]):
-            return torch.stack([_frame_tensor(frame, size) for frame in picked])
-    logger.debug("seek landed at %.3f s, after %.3f s: decoding from the start", first, targets[0])
-    return _decode_frames(data, times, size, seek=False)
+        if seek and first > targets[0]:
+            logger.debug("seek landed at %.3f s, after %.3f s", first, targets[0])
+            return None
+        return torch.stack([_frame_tensor(frame, size) for frame in picked])
 
 
 def _set_threads(stream: av.VideoStream) -> None:
@@ -355,13 +372,9 @@ def _set_threads(stream: av.VideoStream) -> None:
 
 
 def _seek(container: av.container.InputContainer, stream: av.VideoStream, target: float) -> None:
-    """Seek to the keyframe at or before ``target`` seconds (best effort)."""
-    if target <= 0 or stream.time_base is None:
-        return
-    try:
+    """Seek to the keyframe at or before ``target`` seconds; raises av.FFmpegError if it fails."""
+    if target > 0 and stream.time_base is not None:
         container.seek(int(target / stream.time_base), stream=stream, backward=True)
-    except av.FFmpegError as err:  # unseekable input: decode from where we are
-        logger.debug("seek to %.3f s failed (%s)", target, err)
 
 
 def _nearest_frames(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -30,6 +31,12 @@ class ClipSpec:
     audio_offset_s: float = 0.0  # the audio starts this long after the video
     gop: int = 0  # keyframe interval in frames; 0: the encoder's default
     preset: str = "ultrafast"  # libx264 preset; veryfast and slower use B-frames
+    pix_fmt: str = "yuv420p"  # e.g. yuv420p10le for 10-bit video
+    video_options: tuple[tuple[str, str], ...] = ()  # encoder options (name, value)
+    rotation: int = 0  # display rotation in degrees (a display matrix in the container)
+    vfr: bool = False  # variable frame rate: frame i lasts 1, 2 or 3 ticks of 1/fps/2
+    container_options: tuple[tuple[str, str], ...] = ()  # muxer options (name, value)
+    audio_bit_rate: int = 0  # 0: the encoder's default (wmav2 needs one)
 
 
 RED_STEP = 16  # red levels between consecutive frames; the pattern repeats every 14 frames
@@ -49,7 +56,8 @@ def frame_index_from_red(red: float, near: int) -> int:
 def encode_clip(spec: ClipSpec) -> bytes:
     """Encode ``spec`` to container bytes."""
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format=spec.container) as container:
+    options = dict(spec.container_options)
+    with av.open(buffer, "w", format=spec.container, options=options) as container:
         video = _add_video(container, spec) if spec.video_codec else None
         audio = _add_audio(container, spec) if spec.audio_codec else None
         if video is not None:
@@ -61,8 +69,13 @@ def encode_clip(spec: ClipSpec) -> bytes:
 
 def _add_video(container: av.container.OutputContainer, spec: ClipSpec) -> av.VideoStream:
     stream = container.add_stream(spec.video_codec, rate=spec.fps)
-    stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-    stream.options = {"preset": spec.preset} if spec.video_codec == "libx264" else {}
+    stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, spec.pix_fmt
+    preset = {"preset": spec.preset} if spec.video_codec == "libx264" else {}
+    stream.options = preset | dict(spec.video_options)
+    if spec.vfr:
+        stream.codec_context.time_base = Fraction(1, 2 * spec.fps)
+    if spec.rotation:
+        stream.set_display_rotation(spec.rotation)
     stream.bit_rate = 2_000_000  # enough for flat frames to keep their exact colour
     if spec.gop:
         stream.codec_context.gop_size = spec.gop
@@ -73,17 +86,29 @@ def _add_audio(container: av.container.OutputContainer, spec: ClipSpec) -> av.Au
     stream = container.add_stream(spec.audio_codec, rate=spec.sample_rate)
     stream.layout = spec.layout
     stream.format = stream.codec_context.codec.audio_formats[0].name
+    if spec.audio_codec == "vorbis":  # FFmpeg's own Vorbis encoder (stereo only)
+        stream.codec_context.options = {"strict": "experimental"}
+    if spec.audio_bit_rate:
+        stream.bit_rate = spec.audio_bit_rate
     return stream
 
 
 def _write_video(container, stream, spec: ClipSpec) -> None:
-    for index in range(round(spec.seconds * spec.fps)):
+    for index, pts in enumerate(_video_pts(spec)):
         rgb = np.zeros((spec.height, spec.width, 3), np.uint8)
         rgb[..., 0], rgb[..., 1], rgb[..., 2] = frame_red(index), 128, 64
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = index
-        container.mux(stream.encode(frame))
+        frame.pts = pts
+        container.mux(stream.encode(frame.reformat(format=spec.pix_fmt)))
     container.mux(stream.encode(None))
+
+
+def _video_pts(spec: ClipSpec) -> list[int]:
+    """Frame timestamps in 1/fps, or in 1/(2 fps) with durations cycling 1, 2, 3 ticks (vfr)."""
+    if not spec.vfr:
+        return list(range(round(spec.seconds * spec.fps)))
+    ends = np.cumsum([1 + i % 3 for i in range(round(spec.seconds * spec.fps))])
+    return [0] + [int(end) for end in ends if end < 2 * spec.seconds * spec.fps]
 
 
 def _write_audio(container, stream, spec: ClipSpec) -> None:
