@@ -12,6 +12,27 @@ from flava.procs import RedisProcess
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.fixture(autouse=True)
+def decode_pools_end_with_their_test(monkeypatch):
+    """Shut down every decode pool a test started (a Worker's, say) when the test ends.
+
+    Each decode process is a spawned Python with torch loaded (~0.5 GB): pools left to the
+    end of the session would add up to more memory than the machine has."""
+    from worker.decoding import DecodePool
+
+    pools: list[DecodePool] = []
+    original = DecodePool.__init__
+
+    def tracked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        pools.append(self)
+
+    monkeypatch.setattr(DecodePool, "__init__", tracked)
+    yield
+    for pool in pools:
+        pool.shutdown()
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server, for tests that stop, restart or flood Redis."""
@@ -29,6 +50,14 @@ def redis_url() -> str:
     except redis.ConnectionError:
         pytest.fail("no Redis on 127.0.0.1:6379: start one (see .ci/run)")
     return SHARED_URL
+
+
+@pytest.fixture
+def client(redis_url):
+    """A synchronous client of the shared Redis."""
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
 
 
 @pytest.fixture
@@ -56,6 +85,7 @@ def worker_settings(redis_url, prefix, tmp_path):
             batch_size=4,
             block_ms=50,
             checkpoint_dir=str(tmp_path / "ckpt"),
+            models_dir=str(tmp_path / "models"),
             checkpoint_every=1000,
         )
         return WorkerSettings(**(fields | overrides))
