@@ -45,3 +45,10 @@ bench-continual: $(STAMP)
 PERF_ARGS ?=
 bench-perf: $(STAMP)
 	$(PY) -m bench.perf $(PERF_ARGS)
+
+# The chaos run (bench/chaos.py): real API, worker and redis-server under the default checkpoint
+# policy; worker and Redis SIGKILLs, a Redis restart without its data, a full checkpoint disk
+# (a tmpfs: needs root, else reported skipped) -> bench/results/chaos.{json,md}. 10-20 minutes.
+CHAOS_ARGS ?=
+bench-chaos: $(STAMP)
+	nice $(PY) -m bench.chaos $(CHAOS_ARGS)

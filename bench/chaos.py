@@ -1,12 +1,22 @@
-"""Chaos run: clips keep arriving while the worker is SIGKILLed and Redis restarts.
+"""Chaos run under the defaults: real processes, real faults, checked against the model.
 
-Real processes throughout: a private redis-server (append-only, fsync always), the API
-(``flava serve``) and the worker (``flava worker``). A sender thread POSTs synthetic MP4s
-(waiting out 429/503 as a client should); the main thread kills and restarts the worker
-every few seconds and restarts Redis once. At the end every accepted clip must be learned
-(embedding written) or dead-lettered with a reason: ``lost`` must be 0.
+A private redis-server (AOF, ``appendfsync everysec``), the API (``flava serve``) and the worker
+(``flava worker``, default checkpoint policy) run as real processes. A client sends a drifting
+synthetic stream (``tiny`` clips) and re-sends every clip ``/embed`` reports lost in a queue
+reset. Meanwhile the fault loop, paced by the clips settled so far:
 
-    python -m bench.chaos                 # the long run; writes bench/results/chaos.{json,md}
+- SIGKILLs the worker (restarted at once, as a supervisor would) at random moments, some while
+  it writes a checkpoint (the ledger grew, the file is not renamed yet) or right after one was
+  durable (before its acks);
+- SIGKILLs Redis and restarts it from its AOF; once deletes the AOF first (the data is lost);
+- fills the checkpoint directory's disk (a tmpfs remounted down to its usage) for a while.
+
+Then everything stops gracefully and the run is checked against the final checkpoint's ledger
+chain (worker/checkpoint.py), not only against Redis: ``lost``, ``updates_lost`` and
+``versions_reused`` must be 0 (bench/chaos_checks.py says how each is counted).
+
+    python -m bench.chaos                    # the full run; writes bench/results/chaos.{json,md}
+    python -m bench.chaos --clips 200 --kills 4 --workdir /tmp/chaos --no-write
 """
 
 from __future__ import annotations
@@ -16,282 +26,456 @@ import json
 import logging
 import os
 import random
+import secrets
+import signal
+import subprocess
 import tempfile
-import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import redis
 
+from bench import chaos_checks as checks
+from bench.chaos_client import Client
 from contract import wire
 from flava.procs import RedisProcess, free_port, spawn, terminate
-from flava.push import ApiClient
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
 PREFIX = "chaos"
+CONSUMER = "chaos-worker"
+MARK = "FLAVA_CHAOS_RUN"  # in the environment of every process the run starts (and theirs)
+KILL_MODES = ("random", "mid-checkpoint", "after-durable")
+DURABLE = " durable in "  # worker/checkpointing.py logs "checkpoint NAME durable in S s"
+WAIT_FOR_CHECKPOINT_S = 20.0  # the default policy checkpoints at least every 15 s under load
 
 
 @dataclass
 class ChaosConfig:
-    clips: int = 200  # training clips sent, over several drift segments
-    bad_every: int = 25  # every n-th upload is corrupted mid-file (probe may pass it)
-    kills: int = 5  # worker SIGKILLs while clips arrive
-    kill_every_s: float = 8.0  # seconds between kills
-    redis_restart_at_kill: int = 2  # restart Redis together with this kill (-1: never)
-    batch_size: int = 8
-    checkpoint_every: int = 5  # steps between checkpoints
+    clips: int = 2000  # stream clips sent (tiny preset's synthetic clips)
+    bad_every: int = 100  # every n-th upload is corrupted mid-file (0: none)
+    kills: int = 20  # worker SIGKILLs, cycling through KILL_MODES
+    redis_sigkills: int = 2  # Redis SIGKILLs, restarted from the AOF
+    redis_data_loss: int = 1  # Redis SIGKILLs whose AOF is deleted before the restart
+    disk_full_s: float = 40.0  # the checkpoint disk stays full this long (0: skip)
+    window: int = 120  # the client keeps at most this many clips accepted and unsettled
+    appendfsync: str = "everysec"
+    tmpfs_mb: int = 4096  # the checkpoint tmpfs (tiny's memory segments reach ~2 GB here)
     seed: int = 0
-    settle_timeout_s: float = 300.0  # how long the final drain may take
+    settle_timeout_s: float = 900.0  # how long the final drain may take
 
 
 @dataclass
-class ChaosReport:
-    sent: int = 0
-    accepted: int = 0
-    rejected: int = 0  # 4xx from the API (corrupted uploads the probe caught)
-    learned: int = 0
-    dead_lettered: int = 0
-    lost: int = 0  # accepted and neither learned nor dead-lettered: must be 0
-    kills: int = 0
-    redis_restarts: int = 0
-    redeliveries: int = 0  # sum over finished clips of (deliveries - 1): upper bound on retraining
-    clips_redelivered: int = 0
-    versions_monotonic: bool = True
-    final_version: int = 0
-    recovery_s: list[float] = field(default_factory=list)  # worker restart -> first heartbeat
-    dead_reasons: dict[str, int] = field(default_factory=dict)
-    wall_s: float = 0.0
+class Kill:
+    mode: str
+    at: float  # unix time of the SIGKILL
+    during_checkpoint: bool  # a checkpoint write was under way (verified after the kill)
+    recovery_s: float = -1.0  # kill -> next heartbeat or next clip learned
 
 
-class Sender(threading.Thread):
-    """POSTs the stream; records what the API accepted."""
+@dataclass
+class Run:
+    """What happened, as the fault loop saw it (the checks add what the data says)."""
 
-    def __init__(self, url: str, token: str, cfg: ChaosConfig, report: ChaosReport):
-        super().__init__(daemon=True)
-        self.client = ApiClient(url, token, timeout=10.0)
-        self.cfg, self.report = cfg, report
-        self.accepted: list[str] = []
-
-    def run(self) -> None:
-        from worker.core.synthetic import StreamConfig, drifting_stream
-
-        scfg = StreamConfig(num_segments=4)
-        per_segment = -(-self.cfg.clips // scfg.num_segments)
-        for i, (_, data) in enumerate(drifting_stream(scfg, per_segment, self.cfg.seed)):
-            if i >= self.cfg.clips:
-                break
-            self._send(
-                _corrupt(data, i) if self.cfg.bad_every and i % self.cfg.bad_every == 7 else data
-            )
-
-    def _send(self, data: bytes) -> None:
-        self.report.sent += 1
-        while True:
-            try:
-                answer = self.client.ingest(data, task="chaos", max_wait_s=120)
-                self.accepted.append(answer["clip_id"])
-                return
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code < 500:
-                    self.report.rejected += 1
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)  # API or Redis restarting: retry, the clip is not accepted yet
+    kills: list[Kill] = field(default_factory=list)
+    redis_sigkills: int = 0
+    redis_data_loss_restarts: int = 0
+    worker_exits: list[int] = field(default_factory=list)  # exit codes of unplanned exits
+    disk_full: dict | str = "skipped (disabled)"
 
 
-def _corrupt(data: bytes, seed: int) -> bytes:
-    rng = random.Random(seed)
-    mid = len(data) // 2
-    return data[:mid] + bytes(rng.randrange(256) for _ in range(1024)) + data[mid + 1024 :]
+# ---- the processes ------------------------------------------------------------------------
+class Cluster:
+    """redis-server, the API and the worker; the worker is one process per lifetime."""
+
+    def __init__(self, cfg: ChaosConfig, workdir: Path, ckpt_dir: Path):
+        self.workdir, self.ckpt_dir, self.run_id = workdir, ckpt_dir, secrets.token_hex(6)
+        self.redis = RedisProcess(workdir / "redis", appendfsync=cfg.appendfsync)
+        self.api_port = free_port()
+        self.token = "chaos-token"
+        self.api: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.worker_logs: list[Path] = []
+        self.worker_started = 0.0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        """The defaults a user runs: only where things are, never the checkpoint policy."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLAVA_")}
+        return {
+            **inherited,
+            MARK: self.run_id,
+            "FLAVA_REDIS_URL": self.redis.url,
+            "FLAVA_KEY_PREFIX": PREFIX,
+            "FLAVA_API_TOKEN": self.token,
+            "FLAVA_CONSUMER": CONSUMER,
+            "FLAVA_CHECKPOINT_DIR": str(self.ckpt_dir),
+        }
+
+    def start(self) -> None:
+        self.redis.start()
+        self.api = spawn(
+            ["serve", "--port", str(self.api_port)], self.env(), self.workdir / "api.log"
+        )
+        self.start_worker()
+
+    def start_worker(self) -> None:
+        path = self.workdir / f"worker-{len(self.worker_logs):02d}.log"
+        self.worker_logs.append(path)
+        self.worker = spawn(["worker"], self.env(), path)
+        self.worker_started = time.time()
+
+    @property
+    def worker_log(self) -> Path:
+        return self.worker_logs[-1]
+
+    def kill_worker(self) -> float:
+        assert self.worker is not None
+        self.worker.kill()
+        at = time.time()
+        self.worker.wait()
+        return at
+
+    def sigkill_redis(self, lose_data: bool) -> None:
+        assert self.redis.proc is not None
+        self.redis.proc.kill()
+        self.redis.proc.wait()
+        if lose_data:
+            for path in self.redis.workdir.rglob("*"):
+                if path.is_file():
+                    path.unlink()
+        self.redis.start(timeout=60)
+
+    def stop(self) -> None:
+        """Gracefully: the worker checkpoints and acks what it holds, then the API, then Redis."""
+        for proc in (self.worker, self.api):
+            if proc is not None:
+                terminate(proc, timeout=120)
+        self.redis.stop()
 
 
-class VersionWatch(threading.Thread):
-    """Polls the published model version; flags any step backwards."""
-
-    def __init__(self, redis_url: str, report: ChaosReport):
-        super().__init__(daemon=True)
-        self.url, self.report, self.stop = redis_url, report, threading.Event()
-
-    def run(self) -> None:
-        client, last = redis.Redis.from_url(self.url, socket_timeout=2), 0
-        while not self.stop.wait(0.2):
-            try:
-                value = int(client.hget(wire.Keys(PREFIX).model, "version") or 0)
-            except redis.RedisError:
-                continue
-            if value < last:
-                self.report.versions_monotonic = False
-                log.error("model version went back from %d to %d", last, value)
-            last = max(last, value)
-        self.report.final_version = last
+# ---- the faults ---------------------------------------------------------------------------
+def wait_for_write(ckpt_dir: Path, timeout_s: float) -> bool:
+    """Wait until the checkpoint writer starts (the ledger grows, a temp file appears)."""
+    ledger = ckpt_dir / "ledger.jsonl"
+    size = ledger.stat().st_size if ledger.exists() else 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        grown = ledger.exists() and ledger.stat().st_size > size
+        if grown or checks.checkpoint_temps(ckpt_dir):
+            return True
+        time.sleep(0.002)
+    return False
 
 
-def run_chaos(cfg: ChaosConfig, workdir: Path) -> ChaosReport:
-    report, started = ChaosReport(), time.monotonic()
-    server = RedisProcess(workdir / "redis")
-    server.start()
-    env = _env(cfg, server.url, workdir)
-    api = spawn(["serve", "--port", env["CHAOS_API_PORT"]], env, workdir / "api.log")
-    worker = _start_worker(env, workdir, server.url, report)
-    sender = Sender(
-        f"http://127.0.0.1:{env['CHAOS_API_PORT']}", env["FLAVA_API_TOKEN"], cfg, report
-    )
-    watch = VersionWatch(server.url, report)
-    sender.start()
-    watch.start()
+def wait_for_log(path: Path, needle: str, timeout_s: float) -> bool:
+    """Wait for a new line containing ``needle`` in the log at ``path``."""
+    start = path.stat().st_size if path.exists() else 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(path, "rb") as f:
+            f.seek(start)
+            if needle.encode() in f.read():
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def kill_worker(cluster: Cluster, mode: str, rng: random.Random) -> Kill:
+    """SIGKILL the worker at a moment chosen by ``mode``, restart it, time the recovery."""
+    if mode == "mid-checkpoint" and wait_for_write(cluster.ckpt_dir, WAIT_FOR_CHECKPOINT_S):
+        time.sleep(rng.uniform(0, 0.03))
+    elif mode == "after-durable" and wait_for_log(
+        cluster.worker_log, DURABLE, WAIT_FOR_CHECKPOINT_S
+    ):
+        time.sleep(rng.uniform(0, 0.2))
+    else:
+        mode = "random" if mode == "random" else f"random ({mode}: no checkpoint came)"
+        time.sleep(rng.uniform(0, 3))
+    at = cluster.kill_worker()
+    kill = Kill(mode, at, checks.write_in_progress(cluster.ckpt_dir))
+    cluster.start_worker()
+    kill.recovery_s = wait_recovered(cluster, at)
+    return kill
+
+
+def wait_recovered(cluster: Cluster, since: float, timeout_s: float = 300.0) -> float:
+    """Seconds from ``since`` to the worker's next heartbeat (the first one comes once it has
+    restored its checkpoint and claimed a generation, ready to take clips); -1: none came."""
+    r = redis.Redis.from_url(cluster.redis.url, socket_timeout=2)
+    deadline = time.monotonic() + timeout_s
     try:
-        worker = _kill_loop(cfg, env, workdir, server, worker, report)
-        sender.join()
-        _settle(server.url, sender.accepted, cfg.settle_timeout_s)
-        _tally(server.url, sender.accepted, report)
+        while time.monotonic() < deadline:
+            beat = _heartbeat(r)
+            if beat > since:
+                return round(beat - since, 2)
+            time.sleep(0.1)
+        return -1.0
     finally:
-        watch.stop.set()
-        watch.join()
-        terminate(worker)
-        terminate(api)
-        server.stop()
-    report.wall_s = round(time.monotonic() - started, 1)
-    return report
+        r.close()
 
 
-def _env(cfg: ChaosConfig, redis_url: str, workdir: Path) -> dict[str, str]:
+def _heartbeat(r: redis.Redis) -> float:
+    try:
+        return float(r.zscore(wire.Keys(PREFIX).workers, CONSUMER) or 0.0)
+    except redis.RedisError:
+        return 0.0
+
+
+class CheckpointDisk:
+    """The checkpoint directory on its own tmpfs, so it can be made full and freed again."""
+
+    def __init__(self, path: Path, size_mb: int):
+        self.path, self.size_mb = path, size_mb
+        self.mounted = False
+
+    def mount(self) -> str:
+        """-> "" when mounted, else why not."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        done = _sh("mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m", "tmpfs", str(self.path))
+        self.mounted = done.returncode == 0
+        return "" if self.mounted else (done.stderr.strip() or "mount failed")
+
+    def fill(self) -> int:
+        """Shrink the tmpfs to what it holds: the next write gets ENOSPC. -> its size (KiB)."""
+        for _ in range(50):  # usage moves while the worker writes: try again
+            used_kb = -(-_used_bytes(self.path) // 4096) * 4
+            if (
+                _sh("mount", "-o", f"remount,size={max(used_kb, 4)}k", str(self.path)).returncode
+                == 0
+            ):
+                return used_kb
+            time.sleep(0.1)
+        raise RuntimeError(f"could not shrink the tmpfs at {self.path}")
+
+    def free(self) -> None:
+        _sh("mount", "-o", f"remount,size={self.size_mb}m", str(self.path), check=True)
+
+    def unmount(self) -> None:
+        if self.mounted:
+            _sh("umount", str(self.path))
+            self.mounted = False
+
+
+def _sh(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+def _used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def disk_full(cluster: Cluster, disk: CheckpointDisk, hold_s: float, run: Run) -> dict:
+    """Hold the checkpoint disk full for ``hold_s``; count failed writes; time the resume."""
+    wait_recovered(cluster, cluster.worker_started)  # a worker up, its generation claimed
+    logs, start = len(cluster.worker_logs) - 1, cluster.worker_log.stat().st_size
+    size_kb = disk.fill()
+    log.info("checkpoint disk full (%d KiB) for %.0f s", size_kb, hold_s)
+    until = time.monotonic() + hold_s
+    while time.monotonic() < until:
+        watch_worker(cluster, run)
+        time.sleep(0.5)
+    disk.free()
+    freed = time.monotonic()
+    resumed = wait_for_log(cluster.worker_log, DURABLE, 60)
+    failures = sum(
+        _count_in(path, start if i == logs else 0, "acks stop until one succeeds")
+        for i, path in enumerate(cluster.worker_logs[logs:], start=logs)
+    )
     return {
-        **os.environ,
-        "FLAVA_REDIS_URL": redis_url,
-        "FLAVA_KEY_PREFIX": PREFIX,
-        "FLAVA_API_TOKEN": "chaos-token",
-        "FLAVA_CONSUMER": "chaos-worker",
-        "FLAVA_BATCH_SIZE": str(cfg.batch_size),
-        "FLAVA_CHECKPOINT_EVERY": str(cfg.checkpoint_every),
-        "FLAVA_CHECKPOINT_DIR": str(workdir / "checkpoints"),
-        "FLAVA_BLOCK_MS": "200",
-        "FLAVA_HEARTBEAT_S": "0.5",
-        "FLAVA_MAX_BACKLOG": "10000",
-        "CHAOS_API_PORT": str(free_port()),
+        "held_s": hold_s,
+        "size_kib": size_kb,
+        "checkpoint_writes_failed": failures,
+        "worker_exits_while_full": len(cluster.worker_logs) - 1 - logs,
+        "acks_resumed_s": round(time.monotonic() - freed, 1) if resumed else None,
     }
 
 
-def _start_worker(env, workdir: Path, redis_url: str, report: ChaosReport):
-    """Spawn the worker; record the time until its first heartbeat after the spawn."""
-    spawned = time.time()
-    proc = spawn(["worker"], env, workdir / "worker.log")
-    client = redis.Redis.from_url(redis_url, socket_timeout=2)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            beat = client.zscore(wire.Keys(PREFIX).workers, env["FLAVA_CONSUMER"])
-        except redis.RedisError:
-            beat = None
-        if beat and beat > spawned:
-            report.recovery_s.append(round(time.time() - spawned, 2))
-            break
-        time.sleep(0.1)
-    client.close()
-    return proc
+def _count_in(path: Path, offset: int, needle: str) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().count(needle.encode())
 
 
-def _kill_loop(cfg, env, workdir, server, worker, report):
-    for k in range(cfg.kills):
-        time.sleep(cfg.kill_every_s * random.Random(cfg.seed + k).uniform(0.6, 1.4))
-        worker.kill()
-        worker.wait()
-        report.kills += 1
-        if k == cfg.redis_restart_at_kill:
-            server.stop()
-            time.sleep(1.0)  # the API answers 503 meanwhile
-            server.start()
-            report.redis_restarts += 1
-        worker = _start_worker(env, workdir, server.url, report)
-        log.info("kill %d done, worker restarted", k + 1)
-    return worker
+# ---- the schedule -------------------------------------------------------------------------
+def schedule(cfg: ChaosConfig, rng: random.Random) -> list[tuple[int, str]]:
+    """(clips processed, fault) pairs spread over the run, in order."""
+    faults = [f"worker:{KILL_MODES[k % len(KILL_MODES)]}" for k in range(cfg.kills)]
+    faults += ["redis"] * cfg.redis_sigkills
+    rng.shuffle(faults)
+    for i, extra in enumerate(["reset"] * cfg.redis_data_loss + ["disk"] * (cfg.disk_full_s > 0)):
+        faults.insert(len(faults) * (i + 1) // 3, extra)  # a third and two thirds in
+    step = 0.85 * cfg.clips / (len(faults) + 1)
+    return [(round(step * (i + rng.uniform(0.6, 1.2))), f) for i, f in enumerate(faults)]
 
 
-def _settle(redis_url: str, accepted: list[str], timeout_s: float) -> None:
-    """Wait until every accepted clip is learned or dead-lettered (or the timeout)."""
-    client, keys = redis.Redis.from_url(redis_url), wire.Keys(PREFIX)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        states = _states(client, keys, accepted)
-        if all(s in (b"learned", b"dead") for s in states):
-            break
-        time.sleep(0.5)
-    client.close()
+def run_faults(cfg, cluster: Cluster, client: Client, disk: CheckpointDisk | None, run: Run):
+    rng = random.Random(cfg.seed)
+    for threshold, fault in schedule(cfg, rng):
+        while client.progress() < threshold and not client.all_settled():
+            watch_worker(cluster, run)
+            time.sleep(0.2)
+        watch_worker(cluster, run)
+        apply_fault(fault, cfg, cluster, client, disk, run, rng)
+        log.info("%s | %s", fault, progress(client, run))
 
 
-def _states(client, keys, ids):
-    pipe = client.pipeline(transaction=False)
-    for cid in ids:
-        pipe.hmget(keys.clip(cid), "state", "deliveries", "reason")
-    return [row[0] for row in pipe.execute()] if ids else []
+def apply_fault(fault, cfg, cluster, client, disk, run: Run, rng: random.Random) -> None:
+    if fault.startswith("worker:"):
+        run.kills.append(kill_worker(cluster, fault.split(":")[1], rng))
+    elif fault in ("redis", "reset"):
+        cluster.sigkill_redis(lose_data=fault == "reset")
+        run.redis_sigkills += 1
+        run.redis_data_loss_restarts += fault == "reset"
+    elif disk is not None and disk.mounted:
+        run.disk_full = disk_full(cluster, disk, cfg.disk_full_s, run)
 
 
-def _tally(redis_url: str, accepted: list[str], report: ChaosReport) -> None:
-    client, keys = redis.Redis.from_url(redis_url), wire.Keys(PREFIX)
-    report.accepted = len(accepted)
-    pipe = client.pipeline(transaction=False)
-    for cid in accepted:
-        pipe.hmget(keys.clip(cid), "state", "deliveries", "reason")
-        pipe.exists(keys.embedding(cid))
-    rows = pipe.execute()
-    for (state, deliveries, reason), has_embedding in zip(rows[::2], rows[1::2], strict=True):
-        _count(report, state, int(deliveries or 1), reason, bool(has_embedding))
-    client.close()
+def watch_worker(cluster: Cluster, run: Run) -> None:
+    """A worker that exited by itself is restarted (and reported)."""
+    if cluster.worker is not None and cluster.worker.poll() is not None:
+        run.worker_exits.append(cluster.worker.returncode)
+        log.error("worker exited with %s: restarting it", cluster.worker.returncode)
+        cluster.start_worker()
 
 
-def _count(report: ChaosReport, state, deliveries: int, reason, has_embedding: bool) -> None:
-    if state == b"learned" and has_embedding:
-        report.learned += 1
-    elif state == b"dead" and reason:
-        report.dead_lettered += 1
-        key = reason.decode().split(":")[0][:60]
-        report.dead_reasons[key] = report.dead_reasons.get(key, 0) + 1
-    else:
-        report.lost += 1
-    report.redeliveries += deliveries - 1
-    report.clips_redelivered += deliveries > 1
-
-
-def write_results(report: ChaosReport, cfg: ChaosConfig, out: Path = RESULTS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "chaos.json").write_text(
-        json.dumps({"config": asdict(cfg), "report": asdict(report)}, indent=2)
+def progress(client: Client, run: Run) -> str:
+    return (
+        f"sent {client.sent}, accepted {len(client.accepted)}, processed {client.progress()}, "
+        f"settled {client.settled()}, "
+        f"kills {len(run.kills)}, redis kills {run.redis_sigkills}, "
+        f"vanished {client.vanished}"
     )
-    rec = sorted(report.recovery_s)
-    lines = [
-        "# Chaos run",
-        "",
-        f"Config: `{json.dumps(asdict(cfg))}`",
-        "",
-        "| figure | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in asdict(report).items() if k != "recovery_s"]
-    if rec:
-        lines.append(f"| recovery_s median / max | {rec[len(rec) // 2]} / {rec[-1]} |")
+
+
+# ---- the run ------------------------------------------------------------------------------
+def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict:
+    """Run the chaos described by ``cfg`` in ``workdir``; -> the report (a flat dict)."""
+    started, run = time.monotonic(), Run()
+    ckpt_dir = workdir / "checkpoints"
+    disk = _checkpoint_disk(cfg, ckpt_dir, run)
+    try:
+        report = _run(cfg, Cluster(cfg, workdir, ckpt_dir), disk, run)
+    finally:
+        if disk is not None:
+            disk.unmount()
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _run(cfg: ChaosConfig, cluster: Cluster, disk: CheckpointDisk | None, run: Run) -> dict:
+    client = Client(cluster.api_url, cluster.token, cluster.redis.url, PREFIX, cfg)
+    try:
+        cluster.start()
+        client.start()
+        run_faults(cfg, cluster, client, disk, run)
+        drain(cluster, client, run, cfg.settle_timeout_s)
+        seen = checks.redis_side(cluster.redis.url, PREFIX, client)
+    finally:
+        client.stop()
+        cluster.stop()
+    return report_of(cfg, run, client, cluster, seen)
+
+
+def _checkpoint_disk(cfg: ChaosConfig, ckpt_dir: Path, run: Run) -> CheckpointDisk | None:
+    if cfg.disk_full_s <= 0:
+        return None
+    disk = CheckpointDisk(ckpt_dir, cfg.tmpfs_mb)
+    why = disk.mount()
+    if why:
+        run.disk_full = f"skipped ({why})"
+        log.warning("checkpoint disk not mounted: %s", why)
+    return disk
+
+
+def drain(cluster: Cluster, client: Client, run: Run, timeout_s: float) -> None:
+    """Wait until the stream is sent and every accepted clip is settled."""
+    deadline, last = time.monotonic() + timeout_s, 0.0
+    while not client.all_settled():
+        if time.monotonic() > deadline:
+            log.error("drain timed out: %s", progress(client, run))
+            return
+        watch_worker(cluster, run)
+        if time.monotonic() - last > 10:
+            log.info("draining | %s", progress(client, run))
+            last = time.monotonic()
+        time.sleep(0.5)
+
+
+def report_of(cfg: ChaosConfig, run: Run, client: Client, cluster: Cluster, seen: dict) -> dict:
+    defaults = WorkerSettings()
+    ledger = checks.ledger_side(cluster.ckpt_dir, client)
+    recovery = sorted(k.recovery_s for k in run.kills if k.recovery_s >= 0)
+    return {
+        **client.figures(),
+        "kills": len(run.kills),
+        "kills_during_checkpoint": sum(k.during_checkpoint for k in run.kills),
+        "kill_modes": dict(Counter(k.mode for k in run.kills)),
+        "worker_exits_unplanned": run.worker_exits,
+        "redis_sigkills": run.redis_sigkills,
+        "redis_data_loss_restarts": run.redis_data_loss_restarts,
+        "appendfsync": cfg.appendfsync,
+        "checkpoint_every": defaults.checkpoint_every,
+        "checkpoint_interval_s": defaults.checkpoint_interval_s,
+        "disk_full": run.disk_full,
+        **ledger,
+        **checks.version_side(cluster.worker_logs, seen["generations"]),
+        "recovery_s": checks.p50_max(recovery),
+        "orphan_processes": checks.orphans(MARK, cluster.run_id),
+        "config": asdict(cfg),
+        "code": _code_version(),
+    }
+
+
+def _code_version() -> str:
+    """The commit the processes ran (``+dirty``: with uncommitted changes to the code)."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    head = _sh(*git, "rev-parse", "--short", "HEAD").stdout.strip()
+    dirty = _sh(*git, "status", "--porcelain", "--", "worker", "service", "contract", "flava")
+    return head + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_results(report: dict, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# Chaos run", "", "`python -m bench.chaos` (bench/chaos.py)", ""]
+    lines += ["| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(v)} |" for k, v in report.items() if k != "config"]
+    lines += ["", f"Config: `{json.dumps(report['config'])}`"]
     (out / "chaos.md").write_text("\n".join(lines) + "\n")
+
+
+OPTIONS = ("clips", "kills", "redis_sigkills", "redis_data_loss", "disk_full_s", "window", "seed")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", type=int, default=ChaosConfig.clips)
-    p.add_argument("--kills", type=int, default=ChaosConfig.kills)
-    p.add_argument("--kill-every", type=float, default=ChaosConfig.kill_every_s)
+    for name in OPTIONS:
+        default = getattr(ChaosConfig, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     p.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: temp)")
+    p.add_argument("--no-write", action="store_true", help="print, do not write bench/results")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop everything on SIGTERM too
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    cfg = ChaosConfig(clips=args.clips, kills=args.kills, kill_every_s=args.kill_every)
+    cfg = ChaosConfig(**{name: getattr(args, name) for name in OPTIONS})
     if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
         report = run_chaos(cfg, args.workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="flava-chaos-") as tmp:
             report = run_chaos(cfg, Path(tmp))
-    write_results(report, cfg)
-    print(json.dumps(asdict(report), indent=2))
+    if not args.no_write:
+        write_results(report)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
