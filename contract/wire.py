@@ -23,6 +23,12 @@ Layout (prefix ``flava`` by default):
 - ``{p}:lease``            string: the consumer that holds the learner lease (TTL)
 - ``{p}:workers``          sorted set: consumer name -> last heartbeat (unix seconds)
 - ``{p}:monitor``          string: JSON summary of the worker's drift and forgetting monitors
+- ``{p}:models``           hash: version "G.N" -> JSON :class:`ModelCard`, the published
+                           weights-only snapshots embedders can load (weights on disk, not here)
+- ``{p}:queries``          stream of query requests (:class:`QueryRequest`), consumer group
+                           ``embedders``; an entry is acked and deleted once answered
+- ``{p}:reply:{request}``  list: the one :class:`QueryReply` to a query, with a TTL (BLPOP)
+- ``{p}:embedders``        sorted set: embedder name -> last heartbeat (unix seconds)
 
 A clip is published (embedding written, state ``embedded``) right after the update that
 included it, and acked (state ``learned``) only once that update is in a durable checkpoint
@@ -35,6 +41,7 @@ entry acked without its embedding, nor a clip marked queued without a stream ent
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import struct
@@ -42,9 +49,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 GROUP = "learners"
+QUERY_GROUP = "embedders"  # embedder processes share the query stream through this group
 PURPOSES = ("train", "probe")  # probe clips are embedded but never trained on
 TASK_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CLIP_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+VERSION_PATTERN = re.compile(r"^[0-9]{1,9}\.[0-9]{1,15}$")  # "G.N" (docs/versions.md)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,21 @@ class Keys:
     @property
     def lease(self) -> str:
         return f"{self.prefix}:lease"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    @property
+    def queries(self) -> str:
+        return f"{self.prefix}:queries"
+
+    @property
+    def embedders(self) -> str:
+        return f"{self.prefix}:embedders"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}:reply:{request_id}"
 
     def blob(self, clip_id: str) -> str:
         return f"{self.prefix}:blob:{clip_id}"
@@ -198,8 +222,12 @@ def unpack_vector(data: bytes) -> list[float]:
     return list(struct.unpack(f"<{len(data) // 4}f", data))
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """A Redis reply (bytes) or a str as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_text = as_text
 
 
 @dataclass(frozen=True)
@@ -312,13 +340,16 @@ return acked
 """
 
 # KEYS: stream, dead, clip, backlog, blob. ARGV: group, entry_id, reason, deliveries, fields.
-# The dead letter is written before the ack; returns 1 if this call acked.
+# The dead letter is written before the ack; returns 1 if this call acked. The clip's state
+# is written only if it still has one (DELETE removed it: no ghost ``dead`` hash).
 DEAD_LETTER_SCRIPT = """
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3],
            'deliveries', ARGV[4], unpack(fields))
-redis.call('HSET', KEYS[3], 'state', 'dead', 'reason', ARGV[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then  -- a deleted clip stays deleted
+  redis.call('HSET', KEYS[3], 'state', 'dead', 'reason', ARGV[3])
+end
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   redis.call('DECR', KEYS[4])
@@ -334,3 +365,148 @@ return acked
 def flatten(fields: dict) -> list:
     """{"a": 1, "b": 2} -> ["a", 1, "b", 2] (script ARGV order)."""
     return [x for pair in fields.items() for x in pair]
+
+
+# ---- deleting a clip -------------------------------------------------------------------
+
+# KEYS: clip, blob, embedding, stream, backlog. ARGV: learners' group.
+# Removes the clip's hash, bytes and embedding. A clip not yet acked (queued or embedded) also
+# loses its stream entry (XDEL), leaves the learners' pending list (XACK, so the learner's own
+# ack or dead letter of it later is a no-op and releases nothing twice) and releases its
+# backlog count and bytes here. Returns {state before ('' if unknown), entry removed 0|1,
+# in flight 0|1 (a learner had read the entry: it may still train on the clip it holds)}.
+DELETE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return {'', 0, 0}
+end
+local removed, in_flight = 0, 0
+if state == 'queued' or state == 'embedded' then
+  local entry = redis.call('HGET', KEYS[1], 'entry_id')
+  local size = redis.call('HGET', KEYS[1], 'size') or 0
+  if entry then
+    local ok, pending = pcall(redis.call, 'XPENDING', KEYS[4], ARGV[1], entry, entry, 1)
+    if ok and #pending > 0 then in_flight = 1 end
+  end
+  -- the counters first: an OOM Redis refuses them before anything else changed
+  if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
+  if redis.call('DECRBY', KEYS[5] .. ':bytes', size) < 0 then
+    redis.call('SET', KEYS[5] .. ':bytes', 0)
+  end
+  if entry then
+    pcall(redis.call, 'XACK', KEYS[4], ARGV[1], entry)  -- no group yet: nothing read it
+    removed = redis.call('XDEL', KEYS[4], entry)
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {state, removed, in_flight}
+"""
+
+
+def delete_call(keys: Keys, clip_id: str) -> tuple[list[str], list]:
+    """(KEYS, ARGV) of DELETE_SCRIPT for one clip."""
+    script_keys = [
+        keys.clip(clip_id),
+        keys.blob(clip_id),
+        keys.embedding(clip_id),
+        keys.stream,
+        keys.backlog,
+    ]
+    return script_keys, [GROUP]
+
+
+# ---- published models and queries ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A published weights-only snapshot as ``{p}:models`` lists it (weights on disk)."""
+
+    version: str  # "G.N"
+    generation: int
+    updates: int
+    step: int  # updates attempted (skipped ones included) when it was published
+    method: str
+    preset: str
+    published_at: float
+    monitor: dict = field(default_factory=dict)  # the monitors' summary at that time
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        return cls(**json.loads(text))
+
+
+def newest_version(versions) -> str | None:
+    """The largest of some "G.N" names (bytes or str), by (G, N); None if there are none."""
+    parsed = [ModelVersion.parse(_text(v)) for v in versions]
+    return str(max(parsed)) if parsed else None
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """Clips to embed without learning, as the API adds them to ``{p}:queries``.
+
+    The clips travel inside the entry (a query is answered in seconds, then deleted), so no
+    claim-check blob can outlive it."""
+
+    request_id: str  # 32 hex characters; the reply goes to ``Keys.reply(request_id)``
+    clips: list[bytes]
+    version: str = ""  # "G.N" pinned, or "" for the newest published
+    deadline: float = 0.0  # unix s: the API stops waiting then; later, nobody reads a reply
+
+    @classmethod
+    def new(cls, clips: list[bytes], version: str, timeout_s: float) -> QueryRequest:
+        return cls(secrets.token_hex(16), clips, version, time.time() + timeout_s)
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {
+            "request_id": self.request_id,
+            "version": self.version,
+            "deadline": repr(self.deadline),
+            "count": str(len(self.clips)),
+        }
+        fields.update({f"clip:{i}": clip for i, clip in enumerate(self.clips)})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> QueryRequest:
+        f = {_text(k): v for k, v in fields.items()}
+        count = int(_text(f["count"]))
+        return cls(
+            request_id=_text(f["request_id"]),
+            clips=[f[f"clip:{i}"] for i in range(count)],
+            version=_text(f.get("version", b"")),
+            deadline=float(_text(f["deadline"])),
+        )
+
+
+@dataclass(frozen=True)
+class QueryReply:
+    """An embedder's answer: one (audio, video) pair per clip, or an error code and reason.
+
+    Codes: ``undecodable`` (a clip the embedder cannot decode; ``index`` says which),
+    ``version_unknown`` (pinned version not published, or pruned), ``no_model``."""
+
+    status: str  # "ok" | "error"
+    model_version: str = ""
+    step: int = 0
+    method: str = ""
+    audio: list[list[float]] = field(default_factory=list)
+    video: list[list[float]] = field(default_factory=list)
+    code: str = ""
+    reason: str = ""
+    index: int = -1  # the failing clip of an ``undecodable`` error
+    served_by: str = ""  # the embedder
+    batch_clips: int = 0  # clips in the model call that made these embeddings
+    call: int = 0  # that model call's number in the embedder (batching is visible)
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> QueryReply:
+        return cls(**json.loads(text))

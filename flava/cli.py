@@ -1,4 +1,4 @@
-"""The ``flava`` command: serve, worker, demo, push, bench.
+"""The ``flava`` command: serve, worker, embedder, embed, models, demo, push, bench.
 
 Each subcommand imports only what it needs, so ``flava serve`` never loads torch.
 """
@@ -52,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the online learner (settings from FLAVA_* env)")
     worker.set_defaults(run=_worker)
 
+    embedder = sub.add_parser(
+        "embedder", help="answer POST /embed from published models (settings from FLAVA_* env)"
+    )
+    embedder.set_defaults(run=_embedder)
+
+    embed = sub.add_parser("embed", help="embed clip files without learning them (POST /embed)")
+    embed.add_argument("files", nargs="+", type=Path)
+    embed.add_argument("--version", default=None, help='pin a published model "G.N"')
+    _client_arguments(embed)
+    embed.set_defaults(run=_embed)
+
+    models = sub.add_parser("models", help="list the published models (GET /models)")
+    _client_arguments(models)
+    models.set_defaults(run=_models)
+
     demo = sub.add_parser("demo", help="the whole service on an embedded Redis, end to end")
     demo.add_argument("--segments", type=int, default=3)
     demo.add_argument("--clips-per-segment", type=int, default=96)
@@ -88,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("options", nargs=argparse.REMAINDER, help="see bench.perf -h")
     perf.set_defaults(run=_bench_perf)
     return p
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--token", default=None)
 
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,6 +164,25 @@ def _worker(args) -> int:
 
     run_worker()
     return 0
+
+
+def _embedder(args) -> int:
+    from worker.embedder import run_embedder
+
+    run_embedder()
+    return 0
+
+
+def _embed(args) -> int:
+    from flava.query import embed_files
+
+    return embed_files(args.url, args.token, args.files, args.version)
+
+
+def _models(args) -> int:
+    from flava.query import print_models
+
+    return print_models(args.url, args.token)
 
 
 def _demo(args) -> int:

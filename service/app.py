@@ -1,4 +1,5 @@
-"""The HTTP API: POST /ingest, GET /embed, health, readiness and metrics.
+"""The HTTP API: POST /ingest, GET and POST /embed, GET /models, DELETE /clips/{id}, health,
+readiness and metrics.
 
 It never imports torch: it validates uploads with PyAV headers and talks to Redis through
 :mod:`contract.wire`. Build it with :func:`create_app`; pass a Redis client in tests.
@@ -15,7 +16,7 @@ from typing import Annotated
 
 import anyio
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
@@ -24,11 +25,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from contract import wire
 from contract.faults import unavailable
-from service import metrics
+from service import metrics, queries, schemas
 from service.probe import ProbeError, ProbeLimits, probe_clip
 from service.settings import ApiSettings
 
@@ -37,27 +37,28 @@ log = logging.getLogger(__name__)
 # A pooled connection that Redis closed (a restart) fails once; reconnect and resend once, so
 # the first request after a restart is not a 503. A timeout is not retried (it may have run).
 RECONNECT_ONCE = Retry(ExponentialBackoff(cap=0.25, base=0.05), 1, (RedisConnectionError,))
-RAW_TYPES = ("video/", "audio/", "application/octet-stream", "application/mp4")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-INGEST_OPENAPI = {  # the body is read by hand (size cap, raw or multipart), so describe it here
-    "requestBody": {
-        "required": True,
-        "content": {
-            "video/mp4": _BINARY,
-            "application/octet-stream": _BINARY,
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "task": {"type": "string"},
-                    },
-                    "required": ["file"],
-                }
-            },
-        },
+
+
+def upload_openapi(form_fields: dict) -> dict:
+    """The request body of a route that reads its upload by hand (size cap, raw or multipart)."""
+    form = {"type": "object", "properties": form_fields, "required": ["file"]}
+    content = {"video/mp4": _BINARY, "application/octet-stream": _BINARY}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {**content, "multipart/form-data": {"schema": form}},
+        }
     }
-}
+
+
+INGEST_OPENAPI = upload_openapi(
+    {"file": {"type": "string", "format": "binary"}, "task": {"type": "string"}}
+)
+# one clip raw or multipart, or several `file` parts
+QUERY_OPENAPI = upload_openapi(
+    {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+)
 
 
 class ApiState:
@@ -68,6 +69,7 @@ class ApiState:
         self.redis = client
         self.keys = wire.Keys(settings.key_prefix)
         self.ingest_script = client.register_script(wire.INGEST_SCRIPT)
+        self.delete_script = client.register_script(wire.DELETE_SCRIPT)
 
 
 # Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the thread pool,
@@ -90,6 +92,7 @@ async def require_token(request: Request, state: State) -> None:
 
 
 Authorized = Annotated[None, Depends(require_token)]
+Version = Annotated[str | None, Query(pattern=wire.VERSION_PATTERN.pattern)]
 
 
 def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | None = None):
@@ -135,6 +138,9 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
 def _add_routes(app: FastAPI) -> None:
     app.post("/ingest", status_code=202, openapi_extra=INGEST_OPENAPI)(ingest)
     app.get("/embed")(embed)
+    app.post("/embed", response_model=schemas.QueryAnswer, openapi_extra=QUERY_OPENAPI)(embed_query)
+    app.get("/models", response_model=schemas.ModelList)(models)
+    app.delete("/clips/{clip_id}", response_model=schemas.ClipDeleted)(delete_clip)
     app.get("/healthz")(healthz)
     app.get("/readyz")(readyz)
     app.get("/metrics")(metrics_endpoint)
@@ -165,39 +171,18 @@ async def ingest(
 async def _read_upload(request: Request, settings: ApiSettings) -> tuple[bytes, str, str]:
     """-> (clip bytes, content type, task from a form field); 4xx on anything unusable."""
     content_type = request.headers.get("content-type", "application/octet-stream")
-    body = await _read_capped(request, settings.max_body_bytes)
+    body = await queries.read_capped(request, settings.max_body_bytes)
     if content_type.startswith("multipart/form-data"):
         return await _from_multipart(request, body, settings.max_body_bytes)
-    if not content_type.startswith(RAW_TYPES):
+    if not content_type.startswith(queries.RAW_TYPES):
         raise ProbeError("unsupported_content_type", f"content type {content_type!r}", 415)
     if not body:
         raise ProbeError("empty_body", "the request body is empty", 400)
     return body, content_type, ""
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ProbeError("too_large", f"body of {declared} bytes exceeds {limit}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProbeError("too_large", f"body exceeds {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _from_multipart(request: Request, body: bytes, limit: int) -> tuple[bytes, str, str]:
-    async def once():
-        yield body
-        yield b""
-
-    try:
-        form = await MultiPartParser(request.headers, once(), max_part_size=limit).parse()
-    except MultiPartException as exc:
-        raise ProbeError("bad_multipart", f"malformed multipart body: {exc}", 400) from exc
+    form = await queries.parse_form(request, body, limit)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ProbeError("no_file", "multipart upload has no 'file' part", 422)
@@ -258,18 +243,20 @@ async def embed(
     _: Authorized,
     clip_id: Annotated[str, Query(pattern=wire.CLIP_ID_PATTERN.pattern)],
     epoch: Annotated[str | None, Query(pattern=wire.EPOCH_PATTERN.pattern)] = None,
+    version: Version = None,
 ) -> JSONResponse:
     """A clip's embeddings (200), or pending (202), unknown (404), dead or lost in a reset (410).
 
     Pass `epoch` (the `queue_epoch` of the 202) to learn whether an unknown clip was lost
-    because Redis lost its data after accepting it."""
+    because Redis lost its data after accepting it. With `version`, 404 unless that version
+    made the clip's embedding (each clip has the one of the version that processed it)."""
     started = time.perf_counter()
     pipe = state.redis.pipeline(transaction=False)
     pipe.hgetall(state.keys.clip(clip_id))
     pipe.hgetall(state.keys.embedding(clip_id))
     clip, emb = await pipe.execute()
     if clip:
-        answer = _embed_answer(clip_id, clip, emb)
+        answer = _embed_answer(clip_id, clip, emb, version)
     else:
         answer = _unknown_answer(clip_id, epoch, await _queue_epoch(state))
     metrics.EMBED_REQUESTS.labels(str(answer.status_code)).inc()
@@ -307,7 +294,7 @@ _UNKNOWN_HINT = {  # keyed by queue_reset: None (no epoch given) or False (the s
 }
 
 
-def _embed_answer(clip_id: str, clip: dict, emb: dict) -> JSONResponse:
+def _embed_answer(clip_id: str, clip: dict, emb: dict, version: str | None) -> JSONResponse:
     state = clip[b"state"].decode()
     if state == "dead":
         reason = clip.get(b"reason", b"").decode()
@@ -315,6 +302,8 @@ def _embed_answer(clip_id: str, clip: dict, emb: dict) -> JSONResponse:
     if not emb:
         return JSONResponse({"clip_id": clip_id, "status": "pending", "state": state}, 202)
     e = wire.Embedding.from_fields(emb)
+    if version is not None and str(wire.ModelVersion.parse(version)) != e.model_version:
+        return _other_version(clip_id, e.model_version, version)
     return JSONResponse(
         {
             "clip_id": clip_id,
@@ -329,6 +318,48 @@ def _embed_answer(clip_id: str, clip: dict, emb: dict) -> JSONResponse:
             "video": e.video,
         }
     )
+
+
+def _other_version(clip_id: str, made_by: str, asked: str) -> JSONResponse:
+    reason = (
+        f"clip {clip_id[:12]} was embedded by version {made_by}, not {asked}: a clip keeps the "
+        f"embedding of the version that processed it (docs/versions.md); POST its bytes to "
+        f"/embed?version={asked} to embed it with {asked}"
+    )
+    body = {"clip_id": clip_id, "status": "other_version", "model_version": made_by}
+    return JSONResponse({**body, "reason": reason}, status_code=404)
+
+
+async def embed_query(request: Request, state: State, _: Authorized, version: Version = None):
+    """Embed one clip (raw body or multipart `file`) or up to 32 (`file` parts) without learning
+    from them, with the newest published model or the pinned `version`."""
+    try:
+        clips = await queries.read_clips(request, state.settings)
+        limits = state.settings.probe_limits()
+        await anyio.to_thread.run_sync(queries.probe_all, clips, limits)
+    except ProbeError as exc:
+        raise HTTPException(exc.status, {"code": exc.code, "reason": str(exc)}) from exc
+    await queries.check_version(state, version)
+    await queries.check_capacity(state)
+    started = time.perf_counter()
+    reply = await queries.ask(state, clips, version or "")
+    metrics.QUERY_SECONDS.observe(time.perf_counter() - started)
+    return queries.answer(reply)
+
+
+async def models(state: State, _: Authorized) -> dict:
+    """The published models a query can pin (version, generation, step, time, method)."""
+    return await queries.list_models(state)
+
+
+async def delete_clip(
+    state: State,
+    _: Authorized,
+    clip_id: Annotated[str, Path(pattern=wire.CLIP_ID_PATTERN.pattern)],
+) -> JSONResponse:
+    """Delete a clip's bytes, embedding and state (and its queue entry if still queued);
+    what the model already learned from it stays in the weights."""
+    return await queries.delete_clip(state, clip_id)
 
 
 async def healthz() -> dict:

@@ -25,3 +25,8 @@ REDIS_UNAVAILABLE = Counter(
     "Requests answered 503 because Redis was down or refused (OOM, READONLY, BUSY, ...)",
     ["code"],
 )
+QUERY_SECONDS = Histogram(
+    "flava_query_seconds",
+    "POST /embed: from queuing the request to the embedder's reply (not decoding the upload)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -31,6 +31,12 @@ class ApiSettings(BaseSettings):
     max_backlog_bytes: int = 1024**3
     retry_after_s: int = 5
     heartbeat_max_age_s: float = 30.0  # /readyz wants a worker heartbeat this fresh
+    # POST /embed (query embeddings, answered by `flava embedder` processes through Redis)
+    query_timeout_s: float = 10.0  # wait this long for an embedder's reply, then 503
+    query_max_clips: int = 32  # clips in one request (multipart `file` parts)
+    query_max_bytes: int = 32 * 1024 * 1024  # a request's body: its clips travel inside Redis
+    query_max_pending: int = 256  # requests waiting for embedders before 503 embedders_busy
+    embedder_max_age_s: float = 10.0  # an embedder heartbeat this fresh, else 503 no_embedder
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> ApiSettings:

@@ -43,3 +43,11 @@ def dead_letter(client, keys: wire.Keys, clip_id: str, entry_id: str, reason: st
         keys=[keys.stream, keys.dead, keys.clip(clip_id), keys.backlog, keys.blob(clip_id)],
         args=[wire.GROUP, entry_id, reason, 1, "clip_id", clip_id],
     )
+
+
+def stream_clips(n: int, seed: int) -> list[bytes]:
+    """``n`` real MP4 clips of one synthetic segment."""
+    from worker.core.synthetic import StreamConfig, make_clip, segment_specs
+
+    cfg = StreamConfig(num_segments=1)
+    return [make_clip(s, cfg) for s in segment_specs(cfg, 0, n, seed=seed)]

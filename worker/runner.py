@@ -45,6 +45,7 @@ from worker.core.media import Clip
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
 from worker.lease import Lease
+from worker.models import ModelPublisher  # published snapshots for the embedders
 from worker.monitoring import MonitorConfig, StreamMonitor
 from worker.publishing import Stamp, embeddings_for, final_state
 from worker.queue import ClipQueue, Delivery, transient
@@ -141,6 +142,7 @@ class Worker:
         self._last_heartbeat = 0.0
         self._selection_on = False  # FLAVA: importance selection drove the last step
         self.monitor = self._new_monitor()
+        self.models = ModelPublisher.from_settings(settings, self.queue.redis)  # worker/models.py
 
     def _new_monitor(self) -> StreamMonitor:
         cfg = MonitorConfig.from_settings(self.settings)
@@ -300,6 +302,7 @@ class Worker:
             self.counters.updates += 1
             self.checkpoints.updated()
             telemetry.STEPS.labels("applied").inc()
+            self.models.maybe_publish(self.learner, self.version, self.counters.step)  # every K
         _record_stats(stats, self.counters)
         if stats.selection and not self._selection_on:
             log.info(

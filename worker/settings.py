@@ -64,3 +64,37 @@ class WorkerSettings(BaseSettings):
     monitor_count_window: int = 500  # untagged training clips per count-based window
     monitor_every: int = 25  # steps between forgetting evaluations; 0 disables them
     monitor_recon: bool = True  # also measure probe reconstruction loss (one more pass)
+    # published models for the embedders (worker/models.py): a weights-only snapshot every
+    # `publish_every` updates (0: none) into `models_dir`, the newest `keep_models` kept
+    models_dir: str = "var/models"
+    publish_every: int = 50
+    keep_models: int = 5
+
+
+def _default_embedder() -> str:
+    return f"{_default_consumer()}-{os.getpid()}"  # several embedders may share a host
+
+
+class EmbedderSettings(BaseSettings):
+    """The embedder process (worker/embedder.py): answers queries, never learns."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLAVA_EMBEDDER_", extra="ignore", populate_by_name=True
+    )
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="FLAVA_REDIS_URL")
+    key_prefix: str = Field("flava", validation_alias="FLAVA_KEY_PREFIX")
+    models_dir: str = Field("var/models", validation_alias="FLAVA_MODELS_DIR")
+    name: str = Field(default_factory=_default_embedder)
+    device: str = "cpu"  # queries are small batches; "cuda" where a GPU is spare
+    threads: int = 1  # torch threads: the learner keeps the other cores
+    decode_threads: int = 2  # clips of a batch decode in this many threads
+    max_batch: int = 32  # clips per model call
+    max_wait_ms: int = 5  # after the first request, wait at most this long to fill a batch
+    block_ms: int = 1000  # XREADGROUP block time when no query comes
+    max_loaded: int = 4  # versions held in memory: the newest and recently pinned ones (LRU)
+    reload_check_s: float = 1.0  # how often the newest published version is looked up
+    claim_idle_ms: int = 5000  # take over queries another embedder left this long (it died)
+    heartbeat_s: float = 2.0
+    reply_ttl_s: int = 60  # a reply nobody reads expires
+    metrics_port: int = 0

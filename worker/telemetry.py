@@ -129,3 +129,23 @@ MONITOR_SECONDS = Histogram(
     "Time of one forgetting evaluation (re-embed every window's probes)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+MODELS_PUBLISHED = Counter(
+    "flava_models_published_total",
+    "Weights-only snapshots for the embedders, by result (written, skipped_busy, failed)",
+    ["result"],
+)
+# the embedder process (worker/embedder.py)
+QUERY_REQUESTS = Counter(
+    "flava_embedder_requests_total", "Query requests an embedder answered, by outcome", ["outcome"]
+)
+QUERY_BATCH_CLIPS = Histogram(
+    "flava_embedder_batch_clips",
+    "Clips in one model call of an embedder (dynamic batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+QUERY_SECONDS = Histogram(
+    "flava_embedder_call_seconds",
+    "Time of one embedder model call (decoded inputs to embeddings)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+EMBEDDER_MODELS = Gauge("flava_embedder_loaded_models", "Model versions an embedder holds")
