@@ -12,7 +12,7 @@ checkpoint interval (``WorkerSettings.checkpoint_every`` updates) alternate, in 
 
 overhead = median ON block / median OFF block (target <= 1.05). The memory fills during the
 run, so ON blocks write segments of up to two intervals of new rows: the costly regime; a
-compaction (the whole memory rewritten every 2 x capacity new rows) is timed apart and
+compaction (the whole memory rewritten once the deltas reach its capacity in rows) is timed apart and
 amortised over the checkpoints between two of them.
 
 Replay: after the blocks, a fresh learner restores the newest checkpoint (weights + memory

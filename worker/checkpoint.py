@@ -178,10 +178,25 @@ class LedgerSegment:
 
 
 def append_ledger(directory: Path, segment: LedgerSegment) -> None:
-    with open(directory / LEDGER, "a") as f:
-        f.write(json.dumps(vars(segment)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line, fsynced. A failed append (disk full) is cut off again, and a line
+    torn by a crash is ended first, so a new line never glues onto a torn one."""
+    path = directory / LEDGER
+    torn = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    with open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(("\n" if torn else "") + json.dumps(vars(segment)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def ledger_chain(directory: str | Path, head: str) -> list[LedgerSegment]:
@@ -192,9 +207,11 @@ def ledger_chain(directory: str | Path, head: str) -> list[LedgerSegment]:
     path = Path(directory) / LEDGER
     lines = path.read_text().splitlines() if path.exists() else []
     for line in lines:
-        if line.strip():
+        try:
             seg = LedgerSegment(**json.loads(line))
-            by_hash[seg.hash] = seg
+        except (ValueError, TypeError):
+            continue  # blank, or torn by a crash mid-append: never a completed checkpoint's
+        by_hash[seg.hash] = seg
     chain, cursor = [], head
     while cursor != GENESIS:
         link = by_hash.get(cursor)

@@ -156,7 +156,7 @@ class Worker:
         remove_stale_temps(self.settings.checkpoint_dir)
         resumed = self.restore()
         published = self._retry(self.queue.published_generation)
-        self.counters.generation = next_generation(self.settings.checkpoint_dir, published)
+        self.counters.generation = self._claim_generation(published)
         log.info("generation %d starts at version %s", self.counters.generation, self.version)
         if resumed:  # the restored forgetting figures, before the first batch comes
             self.monitor.publish(self.counters.step, self.version)
@@ -166,6 +166,22 @@ class Worker:
     @property
     def version(self) -> str:
         return self.counters.version
+
+    def _claim_generation(self, published: int) -> int:
+        """A new generation, durably on disk before anything is published; while the
+        checkpoint directory cannot be written (disk full) wait for it, not exit (a
+        supervisor would only restart-loop the worker)."""
+        delay = 1.0
+        while True:
+            try:
+                return next_generation(self.settings.checkpoint_dir, published)
+            except OSError as exc:
+                telemetry.CHECKPOINT_FAILING.set(1)
+                log.error("cannot claim a generation (%s): retrying in %.0f s", exc, delay)
+                if self._stop is not None and self._stop.is_set():
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set or ``max_steps`` updates were taken, then checkpoint."""

@@ -5,7 +5,10 @@ every checkpoint would dwarf the update it protects. Instead each checkpoint wri
 segment ``mem-{G:06d}-{N:010d}.pt``: the rows the memory wrote since the previous checkpoint
 (``ReplayMemory.take_changes``), and lists, in order, the segments that rebuild its memory.
 Once the segments since the last full one add up to ``compact_factor`` x capacity rows,
-the next segment holds the whole memory and the list restarts from it.
+the next segment holds the whole memory and the list restarts from it. The directory
+therefore needs up to about (2 + compact_factor) x the memory's bytes (a full segment and
+its deltas, plus an older chain the kept checkpoints still list): ~3.6 GB at `tiny`'s 2,000
+clips of ~0.6 MB.
 
 ``segments.json`` maps each kept checkpoint to its list; a segment no kept checkpoint
 lists is deleted (never when a kept checkpoint's list is unknown).
@@ -44,10 +47,10 @@ class MemorySegments:
 
     directory: Path
     capacity: int
-    compact_factor: float = 2.0
+    compact_factor: float = 1.0  # disk: at most (1 + this) x the memory per kept lineage
     names: list[str] = field(default_factory=list)  # rebuilds the newest snapshot's memory
     unwritten: list[Segment] = field(default_factory=list)  # a failed write retries these
-    rows_since_full: int = 0
+    rows_since_full: int = 0  # rows in the deltas after the list's full segment
 
     def take(self, memory: ReplayMemory, version: str) -> list[str]:
         """Take the memory's changes as the segment of ``version`` (training thread);
@@ -58,7 +61,7 @@ class MemorySegments:
         name = segment_name(version)
         self.unwritten.append(Segment(name, changes))
         self.names = [name] if full else [*self.names, name]
-        self.rows_since_full = rows if full else self.rows_since_full + rows
+        self.rows_since_full = 0 if full else self.rows_since_full + rows
         return list(self.names)
 
     def write(self, pending: list[Segment]) -> None:
@@ -79,7 +82,7 @@ class MemorySegments:
         for seg in segments:
             memory.apply_changes(seg)
         self.names = list(names)
-        self.rows_since_full = sum(len(s["slots"]) for s in segments)
+        self.rows_since_full = sum(len(s["slots"]) for s in segments[1:])  # after the full one
 
     def collect(self, checkpoint: str, names: list[str], kept: list[str]) -> None:
         """Record ``checkpoint``'s list; delete segments no kept checkpoint lists."""

@@ -257,7 +257,8 @@ def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, p
         key_prefix=prefix,
         consumer="w",
         block_ms=50,
-        checkpoint_dir=str(tmp_path),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        models_dir=str(tmp_path / "models"),
     )
     worker = Worker(settings, client)
     worker.start()

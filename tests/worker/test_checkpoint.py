@@ -112,6 +112,16 @@ def test_the_ledger_chain_follows_prev_links_and_catches_tampering(tmp_path):
         ledger_chain(tmp_path, second.hash)
 
 
+def test_a_torn_ledger_line_is_skipped_and_never_glued_to(tmp_path):
+    first = LedgerSegment.after(GENESIS, "1.5", ["a"])
+    append_ledger(tmp_path, first)
+    with open(tmp_path / "ledger.jsonl", "a") as f:
+        f.write('{"version": "1.9", "prev": "')  # a crash mid-append
+    second = LedgerSegment.after(first.hash, "2.6", ["b"])
+    append_ledger(tmp_path, second)
+    assert [s.version for s in ledger_chain(tmp_path, second.hash)] == ["1.5", "2.6"]
+
+
 def test_the_writer_works_off_thread_and_reports_failures(tmp_path):
     writer = CheckpointWriter(tmp_path / "ck", keep=2)
     seg = LedgerSegment.after(GENESIS, "1.1", ["a"])

@@ -4,6 +4,7 @@ nothing; a full disk stops the acks, not the service; one learner per group."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -258,3 +259,21 @@ def test_a_format_1_checkpoint_is_restored_and_continued(worker_settings, client
     listed = load_checkpoint(newest)["learner"]["extra"]["memory"]["segments"]
     assert len(listed) == 1  # the first segment after a whole-memory checkpoint is full
     assert len(torch.load(Path(settings.checkpoint_dir) / listed[0])["slots"]) == 8
+
+
+def test_a_worker_started_on_a_full_disk_waits_for_room(worker_settings, client, small_disk):
+    mount, grow = small_disk
+    settings = worker_settings(decode_processes=1, checkpoint_dir=str(mount / "ck"))
+    (mount / "ck").mkdir()
+    with open(mount / "filler", "wb") as f:  # no byte left for the generation file
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * (1 << 20))
+    w = Worker(settings, client)
+    thread = threading.Thread(target=w.start)
+    thread.start()
+    time.sleep(2.0)
+    assert thread.is_alive() and w.counters.generation == 0  # waiting, not exited
+    grow()
+    thread.join(60)
+    assert not thread.is_alive() and w.counters.generation == 1
+    w.pool.shutdown()
