@@ -485,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="minimal sizes (under two minutes)")
     p.add_argument("--only", default="decode,step,checkpoint,service,ingest,embed")
     p.add_argument("--profile", action="store_true", help="py-spy the worker and the API")
+    p.add_argument("--checkpoint-presets", help="checkpoint bench presets, e.g. tiny,small")
+    p.add_argument("--checkpoint-blocks", type=int, help="checkpoint bench ON/OFF block pairs")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     idle_openmp_threads_sleep()  # every process spawned from here runs torch like the worker
@@ -492,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = PerfConfig.quick_config() if args.quick else PerfConfig()
     cfg.profile = args.profile
+    if args.checkpoint_presets:
+        cfg.checkpoint["presets"] = tuple(args.checkpoint_presets.split(","))
+    if args.checkpoint_blocks:
+        cfg.checkpoint["blocks"] = args.checkpoint_blocks
     comparisons = run_all(cfg, set(args.only.split(",")), args.out)
     for c in comparisons:
         ratio = "n/a" if c.ratio is None else f"{c.ratio:.3g}"
