@@ -175,23 +175,15 @@ def test_pair_is_refused_with_a_code_or_decoded_by_the_worker(api, redis_url, pr
     assert decode_clip(stored, TINY).duration_s == pytest.approx(seconds, abs=0.25)
 
 
-def test_a_running_worker_learns_the_formats_that_used_to_break(api, redis_url, prefix, tmp_path):
+def test_a_running_worker_learns_the_formats_that_used_to_break(
+    api, redis_url, prefix, worker_settings
+):
     """End to end: API -> Redis -> Worker; each clip ends learned, none dead-lettered."""
     from worker.runner import Worker
-    from worker.settings import WorkerSettings
 
     ids = [ingest(api, corpus_bytes(name)).json()["clip_id"] for name in WORKER_SUBSET]
     client = redis.Redis.from_url(redis_url)
-    settings = WorkerSettings(  # checkpoints and models in the test's own directory
-        redis_url=redis_url,
-        key_prefix=prefix,
-        consumer="w",
-        block_ms=50,
-        batch_size=4,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        models_dir=str(tmp_path / "models"),
-    )
-    worker = Worker(settings, client)
+    worker = Worker(worker_settings(), client)  # checkpoints and models in the test's tmp dir
     worker.start()
     while worker.iterate() is not None:
         pass

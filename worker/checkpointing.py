@@ -235,10 +235,6 @@ class Checkpointer:
             telemetry.LEARNED_SECONDS.observe(max(0.0, now - d.entry.received_at))
         telemetry.UNACKED.set(self.waiting)
 
-    def ack_durable(self, items: list[tuple[Delivery, str]]) -> None:
-        """Ack re-deliveries of clips the restored checkpoint already holds (no retraining)."""
-        self._ack(items)
-
 
 def _free(directory: Path) -> str:
     """Free space where checkpoints go: a full disk is the usual cause of a failed write."""

@@ -25,14 +25,6 @@ class Stamp:
     step: int
 
 
-@dataclass
-class Published:
-    """A batch after publishing: what waits for a checkpoint, what could not be published."""
-
-    settles: list[tuple[Delivery, str]]  # (delivery, state once durable: learned | probed)
-    non_finite: list[Delivery]  # NaN/inf embeddings: dead letters, not embeddings
-
-
 def final_state(d: Delivery) -> str:
     """The state a published clip gets once its update is durable."""
     return "learned" if d.entry.purpose == "train" else "probed"
@@ -40,14 +32,14 @@ def final_state(d: Delivery) -> str:
 
 def embeddings_for(
     deliveries: list[Delivery], emb_a: torch.Tensor, emb_v: torch.Tensor, stamp: Stamp, method: str
-) -> tuple[list[tuple[Delivery, wire.Embedding]], Published]:
+) -> tuple[list[tuple[Delivery, wire.Embedding]], list[Delivery]]:
     """Wire embeddings for the finite rows of (B, D) ``emb_a``/``emb_v``; the rest set aside."""
     finite = torch.isfinite(emb_a).all(dim=1) & torch.isfinite(emb_v).all(dim=1)
     now = time.time()
-    items, result = [], Published([], [])
+    items, non_finite = [], []
     for i, d in enumerate(deliveries):
         if not finite[i]:
-            result.non_finite.append(d)
+            non_finite.append(d)
             continue
         emb = wire.Embedding(
             audio=emb_a[i].float().cpu().tolist(),
@@ -58,5 +50,4 @@ def embeddings_for(
             written_at=now,
         )
         items.append((d, emb))
-        result.settles.append((d, final_state(d)))
-    return items, result
+    return items, non_finite

@@ -338,12 +338,13 @@ class Worker:
         Returns the embeddings (a (B, D), v (B, D)) for the monitors."""
         emb_a, emb_v, stamp = self._embed(clips, before)
         deliveries = [d for d, _ in clips]
-        items, published = embeddings_for(deliveries, emb_a, emb_v, stamp, self.settings.method)
-        for d in published.non_finite:
+        items, non_finite = embeddings_for(deliveries, emb_a, emb_v, stamp, self.settings.method)
+        for d in non_finite:
             self._dead(d, "non-finite embedding (NaN/inf in the decoded clip or the model)", report)
         if items:
             self._retry(self.queue.publish_many, items)  # one round trip for the batch
-        for d, state in published.settles:
+        for d, _ in items:
+            state = final_state(d)
             self.checkpoints.record(d, state, trained=state == "learned")
             self._count(state, report)
         return emb_a, emb_v

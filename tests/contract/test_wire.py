@@ -1,7 +1,6 @@
 """The wire format both processes share."""
 
 import pytest
-import redis
 
 from contract import wire
 from tests.queueing import LIMITS, dead_letter, deliver, enqueue
@@ -65,13 +64,6 @@ def test_queue_epoch_round_trip():
     assert wire.EPOCH_PATTERN.match(epoch.id)
     back = wire.QueueEpoch.decode(epoch.encode().encode())
     assert back.id == epoch.id and back.created_at == pytest.approx(epoch.created_at, abs=1e-3)
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def test_ingest_counts_bytes_and_a_dead_letter_releases_them(client, prefix):

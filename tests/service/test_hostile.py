@@ -238,12 +238,13 @@ def _corrupt_middle(data: bytes, seed: int = 3) -> bytes:
     return data[:mid] + noise + data[mid + 2048 :]
 
 
-def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, prefix, tmp_path):
+def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(
+    api, redis_url, prefix, worker_settings
+):
     """What passes the cheap probe but breaks in the worker never stops the worker."""
     from tests.queueing import enqueue
     from worker.core.synthetic import StreamConfig, make_clip, segment_specs
     from worker.runner import Worker
-    from worker.settings import WorkerSettings
 
     cfg = StreamConfig(num_segments=1)
     clips = [make_clip(s, cfg) for s in segment_specs(cfg, 0, 3, seed=5)]
@@ -252,15 +253,7 @@ def test_corrupt_packets_mid_file_are_learned_or_dead_lettered(api, redis_url, p
     client = redis.Redis.from_url(redis_url)
     keys = wire.Keys(prefix)
     good = [enqueue(client, keys, c) for c in clips[1:]]
-    settings = WorkerSettings(
-        redis_url=redis_url,
-        key_prefix=prefix,
-        consumer="w",
-        block_ms=50,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        models_dir=str(tmp_path / "models"),
-    )
-    worker = Worker(settings, client)
+    worker = Worker(worker_settings(), client)
     worker.start()
     while worker.iterate() is not None:
         pass

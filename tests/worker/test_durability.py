@@ -30,13 +30,6 @@ def clips() -> list[bytes]:
     return [make_clip(s, cfg) for s in segment_specs(cfg, 0, 8, seed=5)]
 
 
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def started(settings, client) -> Worker:
     w = Worker(settings, client)
     w.start()

@@ -7,16 +7,8 @@ import sys
 import time
 
 import pytest
-import redis
 
 from worker.lease import Lease, LeaseTaken, gone, process_identity
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def test_one_process_holds_it_renews_it_and_releases_it(client, prefix):

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import redis
 import torch
 from prometheus_client import REGISTRY
 
@@ -25,13 +24,6 @@ def clips() -> list[bytes]:
     cfg = StreamConfig(num_segments=2)
     specs = segment_specs(cfg, 0, 6, seed=1) + segment_specs(cfg, 1, 2, seed=1)
     return [make_clip(s, cfg) for s in specs]
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture
