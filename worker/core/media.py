@@ -29,10 +29,13 @@ compete with FFmpeg, which made a 10 s clip ~3x slower on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import logging
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import av
@@ -50,6 +53,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _OPEN_OPTIONS = {"protocol_whitelist": "none"}
 _THREADED_PIXELS = 640 * 480  # decode larger frames with FFmpeg's threads
 _RESAMPLE_CHUNK = 8192  # samples per resampled frame (0.5 s at 16 kHz)
+AUDIO_SEEK_MIN_S = 1.0  # spans starting later are reached by a seek, not by decoding up to them
 FBANK_SHIFT_S = 0.010  # one fbank frame per 10 ms: audio_frames x this = the example's span
 
 
@@ -98,22 +102,30 @@ class MediaTooLarge(MediaError):
     """The media is longer or its frames larger than MediaConfig allows."""
 
 
+Source = bytes | str | os.PathLike  # container bytes, or the path of a file holding them
+
+
 def decode_clip(
-    data: bytes,
+    data: Source,
     cfg: MediaConfig | None = None,
     *,
     train: bool = False,
     generator: torch.Generator | None = None,
+    start_s: float | None = None,
 ) -> Clip:
-    """Decode container bytes into a Clip; raises a MediaError subclass on bad input.
+    """Decode a container (bytes or a file path) into a Clip; raises a MediaError subclass on
+    bad input.
 
-    ``train`` draws the video window's start from ``generator``; eval takes the centre.
+    ``train`` draws the span's and the video window's positions from ``generator``; eval takes
+    the centre. ``start_s`` fixes the span's start instead (one window of a long upload, see
+    ``contract.windows``): audio and frames are then decoded from a seek near it, so a window
+    an hour in costs what the first one does.
     """
     cfg = cfg or MediaConfig()
-    if not data:
+    if isinstance(data, bytes | bytearray) and not data:
         raise UndecodableMedia("empty input: no bytes to decode")
     try:
-        return _decode(data, cfg, train, generator)
+        return _decode(data, cfg, train, generator, start_s)
     except MediaError:
         raise
     except (av.FFmpegError, ValueError, OSError) as err:
@@ -121,15 +133,24 @@ def decode_clip(
         raise UndecodableMedia(f"FFmpeg cannot decode the media: {reason}") from err
 
 
-def _decode(data: bytes, cfg: MediaConfig, train: bool, generator: torch.Generator | None) -> Clip:
+def _decode(
+    data: Source,
+    cfg: MediaConfig,
+    train: bool,
+    generator: torch.Generator | None,
+    start_s: float | None,
+) -> Clip:
     """decode_clip without the error translation."""
     with _open(data) as container:
-        audio, video = _audio_stream(container), _video_stream(container)
+        _audio_stream(container)  # refuses media without one before anything is decoded
+        video = _video_stream(container)
         duration = _duration_s(container)
         _check_limits(video, duration, cfg)
-        # a header without a duration: the span starts at 0 and the audio tells the length
-        start = 0.0 if duration is None else _span_start(duration, cfg, train, generator)
-        waveform = _decode_waveform(container, audio, cfg, start)
+        if start_s is not None:
+            start = max(0.0, start_s)
+        else:  # a header without a duration: the span starts at 0, the audio tells the length
+            start = 0.0 if duration is None else _span_start(duration, cfg, train, generator)
+    waveform = _decode_waveform(data, cfg, start)
     if duration is None:
         duration = start + waveform.size / cfg.sample_rate
     window = _window_at(start, duration, cfg, train, generator)
@@ -138,11 +159,18 @@ def _decode(data: bytes, cfg: MediaConfig, train: bool, generator: torch.Generat
     return Clip(fbank=fbank, frames=frames, duration_s=duration)
 
 
-def _open(data: bytes) -> av.container.InputContainer:
-    """An input container over ``data`` that cannot open other files or URLs."""
-    return av.open(
-        io.BytesIO(data), "r", container_options=_OPEN_OPTIONS, metadata_errors="replace"
-    )
+@contextlib.contextmanager
+def _open(data: Source) -> Iterator[av.container.InputContainer]:
+    """An input container over ``data`` that cannot open other files or URLs (nested opens:
+    concat lists, playlists). A path is opened here and handed over as a file object, so
+    FFmpeg's own file protocol stays off for uploads that name other files."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(data, bytes | bytearray):
+            source: io.IOBase = io.BytesIO(data)
+        else:
+            source = stack.enter_context(open(data, "rb"))  # noqa: SIM115 (closed by the stack)
+        options = {"container_options": _OPEN_OPTIONS, "metadata_errors": "replace"}
+        yield stack.enter_context(av.open(source, "r", **options))
 
 
 def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
@@ -183,36 +211,58 @@ def _check_limits(video: av.VideoStream, duration: float | None, cfg: MediaConfi
 # ---------------------------------------------------------------------------------------- audio
 
 
-def _decode_waveform(
-    container: av.container.InputContainer,
-    stream: av.AudioStream,
-    cfg: MediaConfig,
-    start_s: float = 0.0,
-) -> np.ndarray:
+def _decode_waveform(data: Source, cfg: MediaConfig, start_s: float = 0.0) -> np.ndarray:
     """Mono float32 waveform at cfg.sample_rate from ``start_s`` on (s from the container start).
 
-    n = the samples the fbank needs, or fewer when the audio ends first.
+    n = the samples the fbank needs, or fewer when the audio ends first. A span that starts
+    later than ``AUDIO_SEEK_MIN_S`` is reached by a seek (to the packet at or before it); a seek
+    that fails, lands after the span's start or decodes nothing is abandoned for a decode from
+    the start, as for frames.
     """
+    samples = None
+    if start_s > AUDIO_SEEK_MIN_S:
+        try:
+            samples = _waveform(data, cfg, start_s, seek=True)
+        except av.FFmpegError as err:
+            logger.debug("audio seek to %.3f s failed (%s): decoding from the start", start_s, err)
+    if samples is None:
+        samples = _waveform(data, cfg, start_s, seek=False)
+    assert samples is not None  # without a seek nothing lands late
+    return samples
+
+
+def _waveform(data: Source, cfg: MediaConfig, start_s: float, seek: bool) -> np.ndarray | None:
+    """The span's samples, after a seek when ``seek``; None if that seek landed late or on
+    nothing. Without a seek, silence is padded where the audio itself starts late."""
     needed = num_samples_for_frames(cfg.audio_frames, cfg.sample_rate)
-    skip = round(start_s * cfg.sample_rate)
-    samples, first_time = _resample_mono(container.decode(stream), cfg.sample_rate, skip + needed)
-    if samples.size == 0:
-        raise UndecodableMedia("the audio stream decoded to no samples")
-    origin = _origin_s(container)
-    lead = round(((first_time if first_time is not None else origin) - origin) * cfg.sample_rate)
-    lead = min(lead, skip + needed)  # audio that starts after the window is all silence
-    samples = np.pad(samples, (lead, 0)) if lead > 0 else samples[-lead:]
-    end = _stream_end_s(stream, origin)
-    length = samples.size if end is None else round(end * cfg.sample_rate)
-    return _fit(samples[skip:], max(0, min(needed, length - skip)))
+    rate = cfg.sample_rate
+    with _open(data) as container:
+        stream = _audio_stream(container)
+        origin = _origin_s(container)
+        if seek:
+            _seek(container, stream, origin + start_s)
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is None:
+            if seek:
+                return None
+            raise UndecodableMedia("the audio stream decoded to no samples")
+        first_time = first.time if first.time is not None else origin
+        skip = round((origin + start_s - first_time) * rate)  # < 0: audio begins after start
+        if seek and skip < 0:
+            logger.debug("audio seek landed at %.3f s, after %.3f s", first_time - origin, start_s)
+            return None
+        samples = _resample_mono(itertools.chain([first], frames), rate, max(skip, 0) + needed)
+        end = _stream_end_s(stream, origin)
+    samples = samples[skip:] if skip >= 0 else np.pad(samples, (min(-skip, needed), 0))
+    # no end in the header: what decoded is all there is (the caller derives the length)
+    available = samples.size if end is None else round((end - start_s) * rate)
+    return _fit(samples, max(0, min(needed, available)))
 
 
-def _resample_mono(
-    frames: Iterable[av.AudioFrame], rate: int, limit: int
-) -> tuple[np.ndarray, float | None]:
-    """Resample decoded frames to mono float32 at ``rate`` until ``limit`` samples.
+def _resample_mono(frames: Iterable[av.AudioFrame], rate: int, limit: int) -> np.ndarray:
+    """Resample decoded frames to mono float32 (n,) at ``rate`` until ``limit`` samples.
 
-    Returns the samples (n,) and the first frame's time in seconds (None if unknown).
     One resampler per clip; flushed with None at the end. It hands out ``_RESAMPLE_CHUNK``
     samples at a time, not one small frame per packet: a third of the per-packet cost.
     """
@@ -220,16 +270,15 @@ def _resample_mono(
         format="flt", layout="mono", rate=rate, frame_size=_RESAMPLE_CHUNK
     )
     chunks: list[np.ndarray] = []
-    count, first_time = 0, None
-    for index, frame in enumerate(frames):
-        first_time = frame.time if index == 0 else first_time
+    count = 0
+    for frame in frames:
         for out in resampler.resample(frame):
             chunks.append(out.to_ndarray().reshape(-1))
             count += out.samples
         if count >= limit:
             break
     chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), first_time
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
 def _fit(samples: np.ndarray, length: int) -> np.ndarray:
@@ -329,7 +378,7 @@ def frame_times(
     return list(example_window(duration_s, cfg, train=train, generator=generator).frame_times)
 
 
-def _decode_frames(data: bytes, times: list[float], size: int) -> Tensor:
+def _decode_frames(data: Source, times: list[float], size: int) -> Tensor:
     """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised.
 
     Seeks to the keyframe before the first target. A seek that fails, lands after the target,
@@ -348,7 +397,7 @@ def _decode_frames(data: bytes, times: list[float], size: int) -> Tensor:
     return frames
 
 
-def _pick_frames(data: bytes, times: list[float], size: int, seek: bool) -> Tensor | None:
+def _pick_frames(data: Source, times: list[float], size: int, seek: bool) -> Tensor | None:
     """The frames nearest ``times``, after a seek when ``seek``; None if it landed too late."""
     with _open(data) as container:
         stream = _video_stream(container)
@@ -371,7 +420,7 @@ def _set_threads(stream: av.VideoStream) -> None:
     stream.codec_context.thread_count = 0 if large else 1  # 0: FFmpeg picks
 
 
-def _seek(container: av.container.InputContainer, stream: av.VideoStream, target: float) -> None:
+def _seek(container: av.container.InputContainer, stream: av.stream.Stream, target: float) -> None:
     """Seek to the keyframe at or before ``target`` seconds; raises av.FFmpegError if it fails."""
     if target > 0 and stream.time_base is not None:
         container.seek(int(target / stream.time_base), stream=stream, backward=True)

@@ -217,15 +217,17 @@ FLASH_AT = 10.0  # seconds: one white flash (FLASH_AT +- 0.6 s) and one click at
 
 
 @functools.lru_cache
-def flash_click_clip(seconds: float = 20.0, fps: int = 10, rate: int = 16000) -> bytes:
+def flash_click_clip(
+    seconds: float = 20.0, fps: int = 10, rate: int = 16000, flash_at: float = FLASH_AT
+) -> bytes:
     """A dark clip with a single flash and a single click at the same moment (MP4)."""
     from worker.core.synthetic import encode_mp4
 
     frames = np.full((round(seconds * fps), 32, 32, 3), 16, np.uint8)
-    lit = np.abs(np.arange(len(frames)) / fps - FLASH_AT) <= 0.6
+    lit = np.abs(np.arange(len(frames)) / fps - flash_at) <= 0.6
     frames[lit] = 235
     audio = np.zeros(round(seconds * rate), np.float32)
-    at = round(FLASH_AT * rate)
+    at = round(flash_at * rate)
     burst = np.random.default_rng(0).standard_normal(160).astype(np.float32)
     audio[at : at + 160] = 0.8 * burst * np.hanning(160).astype(np.float32)
     return encode_mp4(frames, audio, fps, rate)
@@ -285,3 +287,51 @@ def test_example_window_per_preset_spans():
     assert spans == pytest.approx({"tiny": 2.56, "small": 5.12, "base": 10.24})
     short = example_window(1.0, preset("tiny").media())
     assert short.start_s == 0.0 and max(short.frame_times) < 1.0
+
+
+# -- windows of a long upload: each decoded from a seek, audio and frames of the same span ----
+
+LATE_FLASH = 47.0  # seconds into a 60 s upload: windows there are reached by seeking
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_the_window_holding_the_flash_holds_its_click_at_every_preset(name, tmp_path):
+    """A 60 s upload cut into windows (contract.windows): the window whose span covers the
+    flash shows it in a frame and hears the click at the flash's offset; windows that do not
+    cover it show and hear neither. The file path and the bytes decode alike."""
+    from contract.windows import span_s, window_starts
+    from worker.core.model import preset
+
+    cfg = preset(name).media()
+    data = flash_click_clip(seconds=60.0, flash_at=LATE_FLASH)
+    (tmp_path / "upload.mp4").write_bytes(data)
+    starts = window_starts(60.0, span_s(name), span_s(name))
+    assert len(starts) >= 5
+    loud = decode_clip(data, cfg, start_s=LATE_FLASH - 1).fbank.max()
+    for start in starts:
+        clip = decode_clip(tmp_path / "upload.mp4", cfg, start_s=start)
+        span = span_s(name)
+        video = min(cfg.video_window_s, span)  # the frames' window, centred in the span at eval
+        seen = start + (span - video) / 2 + 0.3 <= LATE_FLASH <= start + (span + video) / 2 - 0.3
+        heard = start + 0.1 <= LATE_FLASH <= start + span - 0.1
+        assert bool(_lit_frames(clip)) == seen, f"{name}: window at {start} s, flash"
+        assert (clip.fbank.max() > 0.5 * loud) == heard, f"{name}: window at {start} s, click"
+        if heard:
+            expected = (LATE_FLASH - start) / 0.010
+            assert abs(_click_frame(clip) - expected) <= 4, f"{name}: click off the window's time"
+            assert torch.equal(clip.fbank, decode_clip(data, cfg, start_s=start).fbank)
+    assert any(start <= LATE_FLASH <= start + span_s(name) for start in starts)
+
+
+def test_a_window_after_a_seek_equals_one_decoded_from_the_start(monkeypatch):
+    """The audio seek changes what is decoded, not the result."""
+    from worker.core import media
+    from worker.core.model import preset
+
+    cfg = preset("tiny").media()
+    data = flash_click_clip(seconds=60.0, flash_at=LATE_FLASH)
+    sought = decode_clip(data, cfg, start_s=LATE_FLASH - 1.0)
+    monkeypatch.setattr(media, "AUDIO_SEEK_MIN_S", math.inf)  # never seek
+    straight = decode_clip(data, cfg, start_s=LATE_FLASH - 1.0)
+    assert torch.allclose(sought.fbank, straight.fbank, atol=1e-4)
+    assert torch.equal(sought.frames, straight.frames)
