@@ -11,6 +11,9 @@ Pure Python: the API imports it without torch; ``tests`` check ``SPAN_S`` agains
 
 from __future__ import annotations
 
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".part"  # an upload file still being written (renamed when whole and synced)
 # audio_frames x 10 ms of each model preset (worker.core.model.preset(name).media())
 SPAN_S = {"tiny": 2.56, "small": 5.12, "base": 10.24}
 
@@ -37,3 +40,9 @@ def window_starts(duration_s: float | None, span: float, stride: float) -> list[
     count = int((duration_s - span) // stride) + 1
     offset = (duration_s - span - (count - 1) * stride) / 2  # the tail left over, split
     return [round(offset + i * stride, 3) for i in range(count)]
+
+
+def upload_path(blob_dir: str | Path, upload_id: str) -> Path:
+    """Where an upload cut into windows keeps its bytes: one file per upload, named by its
+    sha256, in a directory the API writes and the workers read (a shared volume)."""
+    return Path(blob_dir) / upload_id

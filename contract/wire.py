@@ -7,10 +7,16 @@ Layout (prefix ``flava`` by default):
 
 - ``{p}:clips``            stream of claim-check entries (fields: :class:`ClipEntry`)
 - ``{p}:dead``             dead-letter stream (entry fields + ``reason`` + ``deliveries``)
-- ``{p}:blob:{id}``        the clip's bytes, with a TTL (claim-check)
+- ``{p}:blob:{id}``        the clip's bytes, with a TTL (claim-check); an upload cut into
+                           windows keeps its bytes in a file instead (``blob_dir/{id}``)
 - ``{p}:clip:{id}``        hash: ``state`` (queued | embedded | learned | probed | dead),
                            ``entry_id``, ``task``, ``purpose``, ``received_at``, ``reason``,
                            ``trained`` (deliveries that ended in an update, see PUBLISH)
+- ``{p}:clip:{up}``        an upload cut into windows (contract/windows.py): ``state``
+                           (queued, then learned | probed | dead once every window settled),
+                           ``windows``, ``windows_left``, ``windows_learned``, ``windows_dead``,
+                           ``span_s``, ``stride_s``, ``duration_s``, ``size``, ``task``, ...
+- ``{p}:clip:{up}:{i}``    window ``i`` of upload ``up``: a clip of its own (state, entry, ...)
 - ``{p}:emb:{id}``         hash: ``audio``/``video`` (float32 little-endian bytes), ``dim``,
                            ``model_version`` ("G.N", docs/versions.md), ``step``, ``method``,
                            ``written_at``
@@ -52,7 +58,8 @@ GROUP = "learners"
 QUERY_GROUP = "embedders"  # embedder processes share the query stream through this group
 PURPOSES = ("train", "probe")  # probe clips are embedded but never trained on
 TASK_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-CLIP_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+CLIP_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")  # sha256 of the bytes: a clip or an upload
+WINDOW_ID_PATTERN = re.compile(r"^[0-9a-f]{64}:[0-9]{1,7}$")  # "{upload}:{window index}"
 VERSION_PATTERN = re.compile(r"^[0-9]{1,9}\.[0-9]{1,15}$")  # "G.N" (docs/versions.md)
 
 
@@ -128,15 +135,20 @@ class Keys:
 class ClipEntry:
     """The fields of one stream entry; the bytes themselves live at ``Keys.blob``."""
 
-    clip_id: str
+    clip_id: str  # a clip's sha256, or "{upload}:{window}" for a window of an upload
     size: int
     content_type: str
     task: str = ""
     purpose: str = "train"
     received_at: float = field(default_factory=time.time)
+    upload: str = ""  # a window's upload (its bytes are the file ``blob_dir/{upload}``)
+    start_s: float = -1.0  # a window's span start, s from the upload's start
 
     def to_fields(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
+        fields = {k: str(v) for k, v in asdict(self).items()}
+        if not self.upload:  # a plain clip's entry stays as it always was
+            del fields["upload"], fields["start_s"]
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict) -> ClipEntry:
@@ -148,7 +160,18 @@ class ClipEntry:
             task=f.get("task", ""),
             purpose=f.get("purpose", "train"),
             received_at=float(f.get("received_at", 0.0)),
+            upload=f.get("upload", ""),
+            start_s=float(f.get("start_s", -1.0)),
         )
+
+    @property
+    def window(self) -> bool:
+        return bool(self.upload)
+
+
+def window_id(upload_id: str, index: int) -> str:
+    """The clip id of window ``index`` of an upload."""
+    return f"{upload_id}:{index}"
 
 
 @dataclass(frozen=True)
@@ -310,6 +333,96 @@ def ingest_call(
     return script_keys, [*args, QueueEpoch.new().encode(), *flatten(entry.to_fields())]
 
 
+# KEYS: upload, stream, backlog, epoch.
+# ARGV: max_backlog, new epoch, clip key prefix ("{p}:clip:"), embedding key prefix, upload
+# id, the upload's fields (as "n", then n name/value pairs), the entry fields every window
+# shares (as "m", then m pairs), then each window's start (s).
+# Returns {outcome, detail, epoch}: {"queued", windows} | {"duplicate", state} | {"full", backlog}.
+# The windows count toward the backlog; an upload is admitted while the backlog is under its
+# limit, however many windows it brings (else a long one could never get in). The bytes are
+# in a file, so they do not count toward the backlog's bytes. A dead upload is accepted again.
+INGEST_UPLOAD_SCRIPT = """
+local epoch = redis.call('GET', KEYS[4]) or ''
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'dead' then return {'duplicate', state, epoch} end
+local backlog = tonumber(redis.call('GET', KEYS[3]) or '0')
+if backlog >= tonumber(ARGV[1]) then return {'full', tostring(backlog), epoch} end
+if epoch == '' then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[4], epoch)
+end
+local clip, emb, up = ARGV[3], ARGV[4], ARGV[5]
+local i = 6
+local own = {}
+for k = 1, 2 * tonumber(ARGV[i]) do own[k] = ARGV[i + k] end
+i = i + 2 * tonumber(ARGV[i]) + 1
+local shared = {}
+for k = 1, 2 * tonumber(ARGV[i]) do shared[k] = ARGV[i + k] end
+i = i + 2 * tonumber(ARGV[i]) + 1
+local windows = #ARGV - i + 1
+if state then
+  local old = tonumber(redis.call('HGET', KEYS[1], 'windows') or '0')
+  for w = 0, old - 1 do redis.call('DEL', clip .. up .. ':' .. w, emb .. up .. ':' .. w) end
+  redis.call('DEL', KEYS[1])
+end
+for w = 0, windows - 1 do
+  local cid = up .. ':' .. w
+  local start = ARGV[i + w]
+  local id = redis.call('XADD', KEYS[2], '*', 'clip_id', cid, 'start_s', start, unpack(shared))
+  redis.call('HSET', clip .. cid, 'state', 'queued', 'entry_id', id, 'start_s', start,
+             unpack(shared))
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'windows', windows, 'windows_left', windows,
+           'windows_learned', 0, 'windows_dead', 0, unpack(own))
+redis.call('INCRBY', KEYS[3], windows)
+return {'queued', tostring(windows), epoch}
+"""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload cut into windows, as the API admits it (its bytes already in the file)."""
+
+    upload_id: str  # sha256 of the bytes
+    size: int
+    content_type: str
+    duration_s: float
+    span_s: float
+    stride_s: float
+    starts: list[float]  # each window's span start (contract.windows.window_starts)
+    task: str = ""
+    purpose: str = "train"
+    received_at: float = field(default_factory=time.time)
+
+    def upload_fields(self) -> dict[str, str]:
+        keys = ("size", "content_type", "duration_s", "span_s", "stride_s", "task", "purpose")
+        fields = {k: str(getattr(self, k)) for k in keys}
+        return {**fields, "received_at": repr(self.received_at), "upload": self.upload_id}
+
+    def window_fields(self) -> dict[str, str]:
+        """The fields every window's entry shares (``clip_id`` and ``start_s`` are its own)."""
+        entry = ClipEntry("", 0, self.content_type, self.task, self.purpose, self.received_at)
+        fields = {**entry.to_fields(), "upload": self.upload_id}
+        del fields["clip_id"]
+        return fields
+
+
+def ingest_upload_call(keys: Keys, upload: Upload, max_backlog: int) -> tuple[list[str], list]:
+    """(KEYS, ARGV) of INGEST_UPLOAD_SCRIPT."""
+    uid = upload.upload_id
+    script_keys = [keys.clip(uid), keys.stream, keys.backlog, keys.epoch]
+    head = [max_backlog, QueueEpoch.new().encode(), keys.clip(""), keys.embedding(""), uid]
+    own, shared = upload.upload_fields(), upload.window_fields()
+    return script_keys, [
+        *head,
+        len(own),
+        *flatten(own),
+        len(shared),
+        *flatten(shared),
+        *(f"{start:.3f}" for start in upload.starts),
+    ]
+
+
 # KEYS: clip, embedding. ARGV: emb fields.
 # Publishes a trained (or probed) clip's embedding before its update is durable: state
 # ``embedded``, ``trained`` +1 (deliveries that ended in an update do not count as failures).
@@ -321,10 +434,31 @@ redis.call('HSET', KEYS[1], 'state', 'embedded')
 return redis.call('HINCRBY', KEYS[1], 'trained', 1)
 """
 
-# KEYS: stream, clip, backlog, blob. ARGV: group, entry_id, state, deliveries.
+# A window's ack or dead letter also counts it on its upload's hash (KEYS: upload; ARGV:
+# counter, the window's final state). Returns 2 when that was the upload's last window: its
+# state becomes final (learned | probed, or dead when no window was) and the caller removes
+# the upload's file. Shared by ACK_SCRIPT and DEAD_LETTER_SCRIPT (``settle_window``).
+_SETTLE_WINDOW = """
+local function settle_window(upload, counter, state)
+  if not upload or upload == '' or redis.call('EXISTS', upload) == 0 then return 1 end
+  redis.call('HINCRBY', upload, counter, 1)
+  if redis.call('HINCRBY', upload, 'windows_left', -1) > 0 then return 1 end
+  local learned = tonumber(redis.call('HGET', upload, 'windows_learned') or '0')
+  local final = 'dead'
+  if learned > 0 then final = state end
+  redis.call('HSET', upload, 'state', final)
+  return 2
+end
+"""
+
+# KEYS: stream, clip, backlog, blob, upload ("" key for a plain clip).
+# ARGV: group, entry_id, state, deliveries.
 # Sets the clip's final state (learned | probed, or a duplicate's own state), then acks;
-# returns 1 if this call acked. An unknown clip (Redis lost its data) gets no state written.
-ACK_SCRIPT = """
+# returns 1 if this call acked (2: and it was its upload's last window, see _SETTLE_WINDOW).
+# An unknown clip (Redis lost its data) gets no state written.
+ACK_SCRIPT = (
+    _SETTLE_WINDOW
+    + """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'state', ARGV[3], 'deliveries', ARGV[4])
 end
@@ -335,14 +469,20 @@ if acked == 1 then
   if left < 0 then redis.call('SET', KEYS[3] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[4])
+  return settle_window(KEYS[5], 'windows_learned', ARGV[3])
 end
 return acked
 """
+)
 
-# KEYS: stream, dead, clip, backlog, blob. ARGV: group, entry_id, reason, deliveries, fields.
-# The dead letter is written before the ack; returns 1 if this call acked. The clip's state
-# is written only if it still has one (DELETE removed it: no ghost ``dead`` hash).
-DEAD_LETTER_SCRIPT = """
+# KEYS: stream, dead, clip, backlog, blob, upload ("" key for a plain clip).
+# ARGV: group, entry_id, reason, deliveries, fields.
+# The dead letter is written before the ack; returns 1 if this call acked (2: and it was its
+# upload's last window). The clip's state is written only if it still has one (DELETE
+# removed it: no ghost ``dead`` hash).
+DEAD_LETTER_SCRIPT = (
+    _SETTLE_WINDOW
+    + """
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3],
@@ -357,9 +497,11 @@ if acked == 1 then
   if left < 0 then redis.call('SET', KEYS[4] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[5])
+  return settle_window(KEYS[6], 'windows_dead', 'dead')
 end
 return acked
 """
+)
 
 
 def flatten(fields: dict) -> list:

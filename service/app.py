@@ -28,8 +28,9 @@ from starlette.datastructures import UploadFile
 
 from contract import wire
 from contract.faults import unavailable
-from service import metrics, queries, schemas
-from service.probe import ProbeError, ProbeLimits, probe_clip
+from contract.windows import window_starts
+from service import metrics, queries, schemas, uploads
+from service.probe import ProbeError, probe_clip
 from service.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ApiState:
         self.keys = wire.Keys(settings.key_prefix)
         self.ingest_script = client.register_script(wire.INGEST_SCRIPT)
         self.delete_script = client.register_script(wire.DELETE_SCRIPT)
+        self.ingest_upload_script = client.register_script(wire.INGEST_UPLOAD_SCRIPT)
 
 
 # Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the thread pool,
@@ -153,35 +155,51 @@ async def ingest(
     task: Annotated[str | None, Query(max_length=64, pattern=wire.TASK_PATTERN.pattern)] = None,
     purpose: Annotated[str, Query(pattern="^(train|probe)$")] = "train",
 ) -> JSONResponse:
-    """Accept one clip (raw body or multipart `file`); 202 with its clip_id once queued."""
+    """Accept one clip or upload (raw body, or multipart `file` up to FLAVA_MAX_BODY_BYTES);
+    202 with its clip_id once queued. One longer than an example is cut into windows."""
     started = time.perf_counter()
+    received = None
     try:
-        data, content_type, form_task = await _read_upload(request, state.settings)
+        received, content_type, form_task = await _read_upload(request, state.settings)
         task = task or form_task or ""
         limits = state.settings.probe_limits()
-        clip_id = await anyio.to_thread.run_sync(_probe_and_hash, data, limits)
-        answer = await _enqueue(state, clip_id, data, content_type, task, purpose)
+        probe = await anyio.to_thread.run_sync(probe_clip, received.source, limits)
+        starts = window_starts(probe.duration_s, *state.settings.window_grid())
+        if starts and probe.duration_s is not None:  # windows need a known length
+            meta = (content_type, task, purpose)
+            answer = await _enqueue_windows(state, received, probe.duration_s, starts, *meta)
+        else:
+            data = _one_example(received, state.settings)
+            answer = await _enqueue(state, received.sha256, data, content_type, task, purpose)
     except ProbeError as exc:
         metrics.INGEST_REQUESTS.labels(exc.code).inc()
         raise HTTPException(exc.status, {"code": exc.code, "reason": str(exc)}) from exc
+    finally:
+        if received is not None:
+            received.discard()  # a partial file left: not admitted
     metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
     return answer
 
 
-async def _read_upload(request: Request, settings: ApiSettings) -> tuple[bytes, str, str]:
-    """-> (clip bytes, content type, task from a form field); 4xx on anything unusable."""
+async def _read_upload(
+    request: Request, settings: ApiSettings
+) -> tuple[uploads.Received, str, str]:
+    """-> (the body, content type, task from a form field); 4xx on anything unusable."""
     content_type = request.headers.get("content-type", "application/octet-stream")
-    body = await queries.read_capped(request, settings.max_body_bytes)
     if content_type.startswith("multipart/form-data"):
+        body = await queries.read_capped(request, settings.max_body_bytes)
         return await _from_multipart(request, body, settings.max_body_bytes)
     if not content_type.startswith(queries.RAW_TYPES):
         raise ProbeError("unsupported_content_type", f"content type {content_type!r}", 415)
-    if not body:
+    received = await uploads.receive_raw(request, settings)
+    if not received.size:
         raise ProbeError("empty_body", "the request body is empty", 400)
-    return body, content_type, ""
+    return received, content_type, ""
 
 
-async def _from_multipart(request: Request, body: bytes, limit: int) -> tuple[bytes, str, str]:
+async def _from_multipart(
+    request: Request, body: bytes, limit: int
+) -> tuple[uploads.Received, str, str]:
     form = await queries.parse_form(request, body, limit)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -193,13 +211,60 @@ async def _from_multipart(request: Request, body: bytes, limit: int) -> tuple[by
     task = task if isinstance(task, str) else ""
     if task and not wire.TASK_PATTERN.match(task):
         raise ProbeError("bad_task", "task must match [A-Za-z0-9_.:-]{1,64}", 422)
-    return data, upload.content_type or "application/octet-stream", task
+    digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+    received = uploads.Received(digest, len(data), data, None)
+    return received, upload.content_type or "application/octet-stream", task
 
 
-def _probe_and_hash(data: bytes, limits: ProbeLimits) -> str:
-    """Validate the clip and return its id (sha256), off the event loop in one thread hop."""
-    probe_clip(data, limits)
-    return hashlib.sha256(data).hexdigest()
+def _one_example(received: uploads.Received, settings: ApiSettings) -> bytes:
+    """The bytes of a clip that is one example (it travels through Redis): 413 if it came in
+    larger than a clip may be."""
+    if received.data is None:
+        reason = (
+            f"a clip of one example ({received.size} bytes) travels through Redis: at most "
+            f"{settings.max_body_bytes} bytes (FLAVA_MAX_BODY_BYTES); only uploads longer than "
+            f"one example may be larger"
+        )
+        raise ProbeError("too_large", reason, 413)
+    return received.data
+
+
+async def _enqueue_windows(
+    state: ApiState,
+    received: uploads.Received,
+    duration_s: float,
+    starts: list[float],
+    content_type: str,
+    task: str,
+    purpose: str,
+) -> JSONResponse:
+    """Store the upload's file, then queue its windows (an upload is admitted whole)."""
+    span, stride = state.settings.window_grid()
+    upload = wire.Upload(
+        received.sha256,
+        received.size,
+        content_type,
+        duration_s,
+        span,
+        stride,
+        starts,
+        task,
+        purpose,
+    )
+    path = await anyio.to_thread.run_sync(uploads.store, received, state.settings.blob_dir)
+    outcome, detail, epoch = await uploads.enqueue_upload(state, upload, path)
+    metrics.REDIS_UP.set(1)
+    metrics.INGEST_REQUESTS.labels(outcome).inc()
+    if outcome == "full":
+        raise _backlog_full(outcome, int(detail), received.size, state.settings)
+    body = {"clip_id": upload.upload_id, "task": task, "purpose": purpose, "windows": len(starts)}
+    body.update(span_s=span, stride_s=stride, duration_s=duration_s)
+    if epoch:
+        body["queue_epoch"] = wire.QueueEpoch.decode(epoch).id
+    if outcome == "duplicate":
+        return JSONResponse({**body, "status": "duplicate", "state": detail}, status_code=200)
+    metrics.INGEST_BYTES.inc(received.size)
+    return JSONResponse({**body, "status": "queued"}, status_code=202)
 
 
 async def _enqueue(
@@ -238,24 +303,38 @@ def _backlog_full(outcome: str, backlog: int, size: int, s: ApiSettings) -> HTTP
     return HTTPException(429, detail, {"Retry-After": str(s.retry_after_s)})
 
 
+ANY_CLIP_ID = f"({wire.CLIP_ID_PATTERN.pattern})|({wire.WINDOW_ID_PATTERN.pattern})"
+
+
 async def embed(
     state: State,
     _: Authorized,
-    clip_id: Annotated[str, Query(pattern=wire.CLIP_ID_PATTERN.pattern)],
+    clip_id: Annotated[str, Query(pattern=ANY_CLIP_ID)],
     epoch: Annotated[str | None, Query(pattern=wire.EPOCH_PATTERN.pattern)] = None,
     version: Version = None,
+    windows: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=uploads.PAGE_MAX)] = 100,
 ) -> JSONResponse:
     """A clip's embeddings (200), or pending (202), unknown (404), dead or lost in a reset (410).
 
     Pass `epoch` (the `queue_epoch` of the 202) to learn whether an unknown clip was lost
     because Redis lost its data after accepting it. With `version`, 404 unless that version
-    made the clip's embedding (each clip has the one of the version that processed it)."""
+    made the clip's embedding (each clip has the one of the version that processed it).
+
+    An upload cut into windows answers its progress and `pooled`, the mean embedding of the
+    windows one version embedded (`version`, or the one that embedded most); `windows=true`
+    adds a page (`offset`, `limit`) of per-window embeddings; `clip_id={upload}:{i}` is
+    window i alone."""
     started = time.perf_counter()
     pipe = state.redis.pipeline(transaction=False)
     pipe.hgetall(state.keys.clip(clip_id))
     pipe.hgetall(state.keys.embedding(clip_id))
     clip, emb = await pipe.execute()
-    if clip:
+    if clip and b"windows" in clip:
+        page = (windows, offset, limit)
+        answer = await uploads.upload_answer(state, clip_id, clip, version, *page)
+    elif clip:
         answer = _embed_answer(clip_id, clip, emb, version)
     else:
         answer = _unknown_answer(clip_id, epoch, await _queue_epoch(state))
@@ -358,7 +437,11 @@ async def delete_clip(
     clip_id: Annotated[str, Path(pattern=wire.CLIP_ID_PATTERN.pattern)],
 ) -> JSONResponse:
     """Delete a clip's bytes, embedding and state (and its queue entry if still queued);
-    what the model already learned from it stays in the weights."""
+    what the model already learned from it stays in the weights. An upload goes with all
+    its windows and its file."""
+    upload = await state.redis.hgetall(state.keys.clip(clip_id))
+    if b"windows" in upload:
+        return await uploads.delete_upload(state, clip_id, upload)
     return await queries.delete_clip(state, clip_id)
 
 

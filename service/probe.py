@@ -11,20 +11,23 @@ limit; the worker finds the length while decoding. The probe never decodes more 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import av
 
 log = logging.getLogger(__name__)
+_OPEN_OPTIONS = {"protocol_whitelist": "none"}  # uploads are untrusted (as worker.core.media)
 
 
 @dataclass(frozen=True)
 class ProbeLimits:
     """What the API accepts; each limit has a reason code in :class:`ProbeError`."""
 
-    max_duration_s: float = 60.0  # the learner uses the first 10 s; longer uploads waste Redis
+    max_duration_s: float = 3 * 3600.0  # longer uploads are cut into windows (contract.windows)
     min_duration_s: float = 0.2  # shorter clips carry too little audio for one fbank window
     max_width: int = 4096  # DCI 4K (4096x2160); the worker allows up to 4096x2304 pixels
     max_height: int = 2160
@@ -52,10 +55,19 @@ class ProbeError(ValueError):
         self.status = status
 
 
-def probe_clip(data: bytes, limits: ProbeLimits) -> ProbeResult:
-    """Validate ``data`` as an audio-video clip; raise :class:`ProbeError` with a reason."""
+def probe_clip(data: bytes | Path, limits: ProbeLimits) -> ProbeResult:
+    """Validate ``data`` (bytes, or a file holding them) as an audio-video clip; raise
+    :class:`ProbeError` with a reason. Nested opens (concat lists, playlists) may read no
+    other file or URL, as in the worker's decoder."""
     try:
-        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+        with contextlib.ExitStack() as stack:
+            if isinstance(data, Path):
+                source: io.IOBase = stack.enter_context(data.open("rb"))
+            else:
+                source = io.BytesIO(data)
+            container = stack.enter_context(
+                av.open(source, "r", container_options=_OPEN_OPTIONS, metadata_errors="ignore")
+            )
             return _inspect(container, limits)
     except ProbeError:
         raise

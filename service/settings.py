@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.windows import span_s
 from contract.wire import IngestLimits
 from service.probe import ProbeLimits
 
@@ -20,8 +21,17 @@ class ApiSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "flava"
     api_token: str | None = None  # when set, /ingest and /embed need "Bearer <token>"
+    # a clip of one example travels through Redis (claim-check): at most this many bytes,
+    # and the cap of any multipart body
     max_body_bytes: int = 64 * 1024 * 1024
-    max_duration_s: float = 60.0
+    # an upload longer than one example is cut into windows (contract/windows.py) and kept
+    # in a file in `blob_dir` (a volume the workers share): a raw body up to this many bytes.
+    # 8 GiB holds 3 h of 1080p H.264 at 6 Mbit/s (8.1 GB) or of 720p at 4 Mbit/s (5.4 GB)
+    max_upload_bytes: int = 8 * 1024**3
+    max_duration_s: float = 3 * 3600.0
+    blob_dir: str = "var/blobs"
+    preset: str = "tiny"  # the learners' model preset (FLAVA_PRESET): sets the window span
+    window_stride_s: float | None = None  # between windows' starts; None: the span (no overlap)
     max_width: int = 4096  # DCI 4K
     max_height: int = 2160
     max_streams: int = 8
@@ -42,12 +52,22 @@ class ApiSettings(BaseSettings):
     def _refuse_unsafe_production(self) -> ApiSettings:
         if self.environment == "production" and not self.api_token:
             raise ValueError("FLAVA_API_TOKEN must be set when FLAVA_ENVIRONMENT=production")
+        span_s(self.preset)  # an unknown preset is refused at start, not at the first upload
+        if self.window_stride_s is not None and self.window_stride_s <= 0:
+            raise ValueError("FLAVA_WINDOW_STRIDE_S must be positive")
+        if self.max_upload_bytes < self.max_body_bytes:
+            raise ValueError("FLAVA_MAX_UPLOAD_BYTES must be at least FLAVA_MAX_BODY_BYTES")
         if self.max_backlog_bytes < self.max_body_bytes:
             raise ValueError(
                 "FLAVA_MAX_BACKLOG_BYTES must be at least FLAVA_MAX_BODY_BYTES "
                 "(else a clip of the largest allowed size is refused forever)"
             )
         return self
+
+    def window_grid(self) -> tuple[float, float]:
+        """(span, stride) of the windows an upload is cut into."""
+        span = span_s(self.preset)
+        return span, self.window_stride_s or span
 
     def ingest_limits(self) -> IngestLimits:
         return IngestLimits(self.blob_ttl_s, self.max_backlog, self.max_backlog_bytes)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.core.media import Clip, MediaConfig, MediaError, decode_clip
+from worker.core.media import Clip, MediaConfig, MediaError, Source, decode_clip
 
 log = logging.getLogger(__name__)
 MISSING_BLOB = "clip bytes expired or missing (claim-check blob not found)"
@@ -81,13 +81,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def decode_blob(blob: bytes | None, cfg: MediaConfig) -> Decoded | str:
-    """Decode one clip's bytes; a MediaError or a missing blob becomes its reason string."""
+def decode_blob(
+    blob: Source | None, cfg: MediaConfig, start_s: float | None = None
+) -> Decoded | str:
+    """Decode one clip (bytes, or a window of an upload's file from ``start_s``); a MediaError
+    or missing bytes become its reason string."""
     if blob is None:
         return MISSING_BLOB
     started = time.perf_counter()
     try:
-        clip = decode_clip(blob, cfg)
+        clip = decode_clip(blob, cfg, start_s=start_s)
+    except FileNotFoundError:
+        return MISSING_BLOB
     except MediaError as exc:
         return f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - started
@@ -96,15 +101,17 @@ def decode_blob(blob: bytes | None, cfg: MediaConfig) -> Decoded | str:
 
 @dataclass
 class PendingDecode:
-    """A submitted decode: the bytes (for a retry) and the pool generation that runs it."""
+    """A submitted decode: the bytes or file and start (for a retry) and the pool generation
+    that runs it."""
 
-    blob: bytes | None
+    blob: Source | None
     future: Future
     generation: int
     submitted: float  # time.monotonic() at submit: the decode deadline counts from here
+    start_s: float | None = None  # a window's span start in the upload's file
 
 
-Decode = Callable[[bytes | None, MediaConfig], "Decoded | str"]
+Decode = Callable[[Source | None, MediaConfig, float | None], "Decoded | str"]
 
 
 class DecodePool:
@@ -147,9 +154,10 @@ class DecodePool:
             future.result(timeout=START_TIMEOUT_S)
         return executor
 
-    def submit(self, blob: bytes | None) -> PendingDecode:
-        future = self._executor.submit(self.decode, blob, self.cfg)
-        return PendingDecode(blob, future, self.generation, time.monotonic())
+    def submit(self, blob: Source | None, start_s: float | None = None) -> PendingDecode:
+        """Decode a clip's bytes, or the window of an upload's file that starts at ``start_s``."""
+        future = self._executor.submit(self.decode, blob, self.cfg, start_s)
+        return PendingDecode(blob, future, self.generation, time.monotonic(), start_s)
 
     def result(self, pending: PendingDecode) -> Decoded | str:
         """The decoded clip or the reason it cannot be used."""
@@ -172,7 +180,7 @@ class DecodePool:
 
     def _retry(self, pending: PendingDecode) -> Decoded | str:
         """Decode a clip once more, alone on the current processes, with a fresh deadline."""
-        outcome = self._wait(self.submit(pending.blob))
+        outcome = self._wait(self.submit(pending.blob, pending.start_s))
         return "the decoder process crashed on this clip (twice)" if outcome is None else outcome
 
     def _give_up(self, pending: PendingDecode) -> str:

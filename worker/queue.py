@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -25,6 +27,7 @@ from redis.exceptions import ResponseError
 
 from contract import wire
 from contract.faults import unavailable
+from contract.windows import upload_path
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class ClipQueue:
         self._dead = client.register_script(wire.DEAD_LETTER_SCRIPT)
         self._own_pending = True  # re-read own pending entries until none are left
         self.held: set[str] = set()  # entry ids published, not yet acked (in the model)
+        self.finished_uploads: list[str] = []  # uploads whose last window settled: remove files
 
     # ---- the group --------------------------------------------------------
     def ensure_group(self) -> None:
@@ -188,12 +192,16 @@ class ClipQueue:
         )
         return [_text(r["message_id"]) for r in rows]
 
-    def fetch_blobs(self, deliveries: list[Delivery]) -> list[bytes | None]:
-        """The clips' bytes (None where the blob expired or was never written)."""
-        if not deliveries:
-            return []
-        blobs: list[Any] = self.redis.mget([self.keys.blob(d.entry.clip_id) for d in deliveries])
-        return blobs
+    def fetch_blobs(self, deliveries: list[Delivery], blob_dir: Path) -> list[bytes | Path | None]:
+        """Each clip's bytes, or for a window of an upload the upload's file (None where the
+        bytes expired or are missing; a missing file is found by the decoder)."""
+        plain = [d for d in deliveries if not d.entry.window]
+        blobs: list[Any] = self.redis.mget([self.keys.blob(d.entry.clip_id) for d in plain])
+        found = dict(zip((d.entry_id for d in plain), blobs, strict=True)) if plain else {}
+        return [
+            upload_path(blob_dir, d.entry.upload) if d.entry.window else found[d.entry_id]
+            for d in deliveries
+        ]
 
     def clip_states(self, deliveries: list[Delivery]) -> list[tuple[str, int]]:
         """-> [(state, trained)]: the clip's state and the deliveries that ended in an update."""
@@ -220,7 +228,8 @@ class ClipQueue:
         """Set each clip's final state (learned | probed | a duplicate's own) and ack it.
 
         One round trip; each script is atomic on its own, and a retry after an outage is
-        harmless (a second ack of an entry is a no-op)."""
+        harmless (a second ack of an entry is a no-op). Uploads whose last window this
+        settled are in ``finished_uploads`` afterwards (their files can go)."""
         pipe = self.redis.pipeline(transaction=False)
         for delivery, state in items:
             cid = delivery.entry.clip_id
@@ -231,12 +240,21 @@ class ClipQueue:
                     self.keys.clip(cid),
                     self.keys.backlog,
                     self.keys.blob(cid),
+                    self._upload_key(delivery),
                 ],
                 args=[wire.GROUP, delivery.entry_id, state, delivery.deliveries],
             )
-        acked = [bool(a) for a in pipe.execute()]
+        answers = pipe.execute()
+        self._note_finished(d for (d, _), a in zip(items, answers, strict=True) if a == 2)
         self.held.difference_update(d.entry_id for d, _ in items)
-        return acked
+        return [bool(a) for a in answers]
+
+    def _upload_key(self, delivery: Delivery) -> str:
+        """The hash of a window's upload; "" (no key) for a plain clip."""
+        return self.keys.clip(delivery.entry.upload) if delivery.entry.window else ""
+
+    def _note_finished(self, deliveries: Iterable[Delivery]) -> None:
+        self.finished_uploads.extend(d.entry.upload for d in deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Move an entry to the dead-letter stream with its reason, then ack it."""
@@ -249,6 +267,7 @@ class ClipQueue:
                 self.keys.clip(cid),
                 self.keys.backlog,
                 self.keys.blob(cid),
+                self._upload_key(delivery),
             ],
             args=[
                 wire.GROUP,
@@ -258,6 +277,8 @@ class ClipQueue:
                 *wire.flatten(delivery.entry.to_fields()),
             ],
         )
+        if acked == 2:
+            self._note_finished([delivery])
         return bool(acked)
 
     # ---- announcing ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ backoff; ``NOGROUP`` (Redis lost its data) recreates the group and goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from redis.exceptions import RedisError
 
 from contract import wire
 from contract.faults import lost_group
-from worker import telemetry
+from worker import telemetry, uploads
 from worker.builtin import resolve_init_weights
 from worker.checkpoint import FORMAT, load_newest, next_generation, remove_stale_temps
 from worker.checkpointing import Checkpointer, CheckpointPolicy
@@ -114,11 +115,13 @@ class Worker:
         )
         self.lease = Lease(client, self.queue.keys.lease, settings.consumer, settings.lease_ttl_s)
         self.model_cfg = preset(settings.preset)
+        if settings.nce_weight is not None:
+            self.model_cfg = dataclasses.replace(self.model_cfg, nce_weight=settings.nce_weight)
         self.media_cfg = self.model_cfg.media()
         self.learner = learner or build_learner(
             settings.method,
             self.model_cfg,
-            LearnerConfig(seed=settings.seed),
+            LearnerConfig(seed=settings.seed, lr=settings.lr),
             device=str(pick_device(settings.device)),
         )
         self.counters = Counters()
@@ -161,6 +164,7 @@ class Worker:
         if resumed:  # the restored forgetting figures, before the first batch comes
             self.monitor.publish(self.counters.step, self.version)
         self._retry(self.queue.claim_own_pending)
+        self._retry(uploads.sweep, self.queue.redis, self.queue.keys, self.settings.blob_dir)
         self._retry(self.heartbeat, force=True)
 
     @property
@@ -194,6 +198,7 @@ class Worker:
                 self._retry(self.iterate, stop=stop)
         finally:
             self.settle()
+            self._remove_finished_uploads()
             self.pool.shutdown()
             self._retry(self.lease.release, stop=stop)
             log.info("worker stopped at version %s", self.version)
@@ -209,6 +214,7 @@ class Worker:
             if report is None:
                 self.monitor.catch_up(self.counters.step, self.version)
             self.checkpoints.tick(self._snapshot, idle=report is None)
+            self._remove_finished_uploads()
             self.heartbeat()
         except RedisError as exc:
             if transient(exc) or lost_group(exc):
@@ -220,8 +226,14 @@ class Worker:
     def _fetch(self, block_ms: int | None) -> Fetched:
         """Read up to a batch of deliveries and start decoding their clips."""
         deliveries = self.queue.next_batch(self.settings.batch_size, block_ms)
-        blobs = self.queue.fetch_blobs(deliveries)
-        return Fetched(deliveries, [self.pool.submit(blob) for blob in blobs])
+        blobs = self.queue.fetch_blobs(deliveries, Path(self.settings.blob_dir))
+        starts = [d.entry.start_s if d.entry.window else None for d in deliveries]
+        return Fetched(deliveries, list(map(self.pool.submit, blobs, starts)))
+
+    def _remove_finished_uploads(self) -> None:
+        """Remove the files of uploads whose last window was acked or dead-lettered."""
+        finished, self.queue.finished_uploads = self.queue.finished_uploads, []
+        uploads.remove(self.settings.blob_dir, finished)
 
     def _read_ahead(self) -> None:
         """Fetch the next batch (no blocking) so it decodes while this one is learned."""

@@ -35,6 +35,8 @@ class WorkerSettings(BaseSettings):
     decode_timeout_s: float = 60.0  # a clip still decoding this long is dead-lettered
     decode_nice: int = 10  # decode processes yield the cores to the update (0: same priority)
     checkpoint_dir: str = "var/checkpoints"
+    # uploads cut into windows keep their bytes here (written by the API: a shared volume)
+    blob_dir: str = "var/blobs"
     # checkpoints (worker/checkpointing.py): a clip is acked once one holds its update, after
     # `checkpoint_every` updates, `checkpoint_interval_s` seconds or an idle stream, whichever
     # comes first (and one at shutdown)
@@ -46,6 +48,9 @@ class WorkerSettings(BaseSettings):
     lease_ttl_s: float = 60.0  # one learner per group; after a crash another waits this long
     metrics_port: int = 0  # 0: no /metrics server
     seed: int = 0
+    lr: float = 1e-4  # Adam lr of the backbone's online updates (the paper's)
+    # contrastive weight of the online loss; None: the preset's (the paper's 0.1)
+    nce_weight: float | None = None
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
     # pretrained weights for a cold start (empty checkpoint dir): "builtin" (the package's
     # pretrained start for the preset, made by `flava pretrain`; from scratch when none is

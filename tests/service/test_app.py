@@ -28,7 +28,7 @@ def clip() -> bytes:
 
 @pytest.fixture
 def settings(redis_url, prefix) -> ApiSettings:
-    return ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=200_000)
+    return ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=200_000, max_upload_bytes=200_000)
 
 
 @pytest.fixture

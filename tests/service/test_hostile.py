@@ -163,7 +163,7 @@ CORPUS = [
         422,
         "resolution_too_large",
     ),
-    ("very long duration", lambda g: _sparse_video(32, 32, 3000), MP4, 422, "too_long"),
+    ("very long duration", lambda g: _sparse_video(32, 32, 4 * 3600), MP4, 422, "too_long"),
     ("dozens of streams", lambda g: _many_streams(30), MP4, 422, "too_many_streams"),
     ("over-size body", lambda g: g + b"\x00" * 300_000, MP4, 413, "too_large"),
     (
@@ -195,7 +195,7 @@ CORPUS = [
 
 @pytest.fixture
 def api(redis_url, prefix):
-    settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=250_000)
+    settings = ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=250_000, max_upload_bytes=250_000)
     with TestClient(create_app(settings)) as client:
         yield client
 

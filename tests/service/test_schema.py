@@ -33,6 +33,7 @@ def schema(redis_url):
             key_prefix="schemathesis-test",
             api_token="tok",
             max_body_bytes=100_000,
+            max_upload_bytes=100_000,
         )
     )
     return schemathesis.openapi.from_asgi("/openapi.json", app)

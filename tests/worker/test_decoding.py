@@ -85,11 +85,11 @@ def test_decode_processes_run_at_a_lower_priority():
         pool.shutdown()
 
 
-def sleepy_decode(blob: bytes | None, cfg: MediaConfig):
+def sleepy_decode(blob: bytes | None, cfg: MediaConfig, start_s: float | None = None):
     """decode_blob, except that bytes starting with b"slow" hang (as a hostile clip can)."""
     if blob is not None and blob.startswith(b"slow"):
         time.sleep(60)
-    return decode_blob(blob, cfg)
+    return decode_blob(blob, cfg, start_s)
 
 
 def test_two_slow_clips_in_one_batch_each_get_a_deadline_and_the_rest_decodes(clip_bytes):

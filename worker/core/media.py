@@ -69,7 +69,7 @@ class MediaConfig:
     num_frames: int = 4  # video frames per clip
     frame_size: int = 224  # square frame side after resize + centre crop
     video_window_s: float = 4.0  # frames are spread evenly over a window this long
-    max_duration_s: float = 3600.0  # longer clips are refused (MediaTooLarge)
+    max_duration_s: float = 3 * 3600.0  # longer media is refused (MediaTooLarge), as by the API
     max_pixels: int = 4096 * 2304  # larger coded frames are refused (MediaTooLarge)
 
 
@@ -169,8 +169,8 @@ def _open(data: Source) -> Iterator[av.container.InputContainer]:
             source: io.IOBase = io.BytesIO(data)
         else:
             source = stack.enter_context(open(data, "rb"))  # noqa: SIM115 (closed by the stack)
-        options = {"container_options": _OPEN_OPTIONS, "metadata_errors": "replace"}
-        yield stack.enter_context(av.open(source, "r", **options))
+        container = av.open(source, "r", container_options=_OPEN_OPTIONS, metadata_errors="replace")
+        yield stack.enter_context(container)
 
 
 def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
