@@ -95,6 +95,8 @@ class Stack:
             "FLAVA_HEARTBEAT_S": "1",
             "FLAVA_CONSUMER": "perf-worker",
             "FLAVA_CHECKPOINT_DIR": str(self.workdir / "checkpoints"),
+            "FLAVA_BLOB_DIR": str(self.workdir / "blobs"),
+            "FLAVA_MODELS_DIR": str(self.workdir / "models"),
             "FLAVA_METRICS_PORT": str(self.worker_metrics_port),
         }
 
