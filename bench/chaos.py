@@ -116,6 +116,7 @@ class Cluster:
             "FLAVA_API_TOKEN": self.token,
             "FLAVA_CONSUMER": CONSUMER,
             "FLAVA_CHECKPOINT_DIR": str(self.ckpt_dir),
+            "FLAVA_INPUTS_DIR": str(self.ckpt_dir.parent / "inputs"),
         }
 
     def start(self) -> None:

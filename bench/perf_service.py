@@ -96,6 +96,7 @@ class Stack:
             "FLAVA_CONSUMER": "perf-worker",
             "FLAVA_CHECKPOINT_DIR": str(self.workdir / "checkpoints"),
             "FLAVA_BLOB_DIR": str(self.workdir / "blobs"),
+            "FLAVA_INPUTS_DIR": str(self.workdir / "inputs"),
             "FLAVA_MODELS_DIR": str(self.workdir / "models"),
             "FLAVA_METRICS_PORT": str(self.worker_metrics_port),
         }

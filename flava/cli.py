@@ -1,4 +1,5 @@
-"""The ``flava`` command: serve, worker, embedder, embed, models, demo, push, bench.
+"""The ``flava`` command: serve, worker, embedder, embed, models, reembed, search, demo, push,
+bench.
 
 Each subcommand imports only what it needs, so ``flava serve`` never loads torch.
 """
@@ -66,6 +67,25 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the published models (GET /models)")
     _client_arguments(models)
     models.set_defaults(run=_models)
+
+    reembed = sub.add_parser(
+        "reembed",
+        help="embed the kept clips with one published version and write its search index",
+    )
+    reembed.add_argument("--version", default=None, help='"G.N" (default: newest published)')
+    reembed.add_argument("--task", default=None, help="only the clips of this task")
+    reembed.add_argument("--batch", type=int, default=32)
+    reembed.set_defaults(run=_reembed)
+
+    search = sub.add_parser("search", help="nearest kept clips (GET or POST /search)")
+    target = search.add_mutually_exclusive_group(required=True)
+    target.add_argument("file", nargs="?", type=Path, help="a query clip (POST /search)")
+    target.add_argument("--clip-id", help="a kept clip as the query (GET /search)")
+    search.add_argument("--direction", default="a2v", choices=["a2v", "v2a", "a2a", "v2v"])
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--version", default=None, help='an indexed "G.N" (default: newest)')
+    _client_arguments(search)
+    search.set_defaults(run=_search)
 
     demo = sub.add_parser("demo", help="the whole service on an embedded Redis, end to end")
     demo.add_argument("--segments", type=int, default=3)
@@ -183,6 +203,48 @@ def _models(args) -> int:
     from flava.query import print_models
 
     return print_models(args.url, args.token)
+
+
+def _reembed(args) -> int:
+    """Settings as the worker's (FLAVA_MODELS_DIR, FLAVA_INPUTS_DIR) and FLAVA_INDEX_DIR."""
+    from flava.push import Progress
+    from service.settings import ApiSettings
+    from worker.inputs import InputStore
+    from worker.reembed import reembed
+    from worker.settings import WorkerSettings
+
+    worker, api = WorkerSettings(), ApiSettings()
+    total = sum(1 for _ in InputStore(Path(worker.inputs_dir))._files())
+    bar, done = Progress("reembed", total), 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(done)
+
+    result = reembed(
+        worker.models_dir,
+        worker.inputs_dir,
+        api.index_dir,
+        args.version,
+        args.task,
+        args.batch,
+        progress,
+    )
+    bar.close()
+    print(
+        f"version {result.version}: {result.count} clips indexed in {result.seconds:.1f} s "
+        f"-> {result.path}"
+    )
+    return 0
+
+
+def _search(args) -> int:
+    from flava.query import search
+
+    return search(
+        args.url, args.token, args.file, args.clip_id, args.direction, args.k, args.version
+    )
 
 
 def _demo(args) -> int:

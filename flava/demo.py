@@ -98,6 +98,7 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
         "FLAVA_MONITOR_WINDOW": "32",
         "FLAVA_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "FLAVA_BLOB_DIR": str(workdir / "blobs"),
+        "FLAVA_INPUTS_DIR": str(workdir / "inputs"),
         "FLAVA_METRICS_PORT": str(metrics_port),
         "FLAVA_BLOCK_MS": "200",
         "FLAVA_HEARTBEAT_S": "1",

@@ -1,4 +1,5 @@
-"""``flava embed`` and ``flava models``: the query side of the API from the command line."""
+"""``flava embed``, ``flava models`` and ``flava search``: the query side of the API from the
+command line."""
 
 from __future__ import annotations
 
@@ -57,4 +58,36 @@ def print_models(url: str, token: str | None) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["published_at"]))
         row = f"{m['version']:>14} {m['generation']:>4} {m['step']:>8}  {when:<20} {m['method']}"
         sys.stdout.write(row + "\n")
+    return 0
+
+
+def search(
+    url: str,
+    token: str | None,
+    file: Path | None,
+    clip_id: str | None,
+    direction: str,
+    k: int,
+    version: str | None,
+) -> int:
+    """GET /search (a kept clip) or POST /search (a query file); one line per hit."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    params: dict[str, str | int] = {"direction": direction, "k": k}
+    if version:
+        params["version"] = version
+    with httpx.Client(base_url=url, headers=headers, timeout=60.0) as http:
+        if file is not None:
+            r = http.post("/search", params=params, files=[_part(file)])
+        else:
+            r = http.get("/search", params={**params, "clip_id": clip_id or ""})
+    if r.status_code != 200:
+        sys.stderr.write(f"search: {r.status_code} {r.text}\n")
+        return 1
+    body = r.json()
+    sys.stdout.write(
+        f"version {body['version']} ({body['search']}, {body['indexed']} clips indexed),"
+        f" {body['direction']}\n"
+    )
+    for rank, hit in enumerate(body["hits"], 1):
+        sys.stdout.write(f"{rank:>3} {hit['score']:+.4f} {hit['clip_id']} {hit['task']}\n")
     return 0

@@ -28,8 +28,9 @@ from starlette.datastructures import UploadFile
 
 from contract import wire
 from contract.faults import unavailable
+from contract.index import input_path
 from contract.windows import window_starts
-from service import metrics, queries, schemas, uploads
+from service import metrics, queries, schemas, search, uploads
 from service.probe import ProbeError, probe_clip
 from service.settings import ApiSettings
 
@@ -56,6 +57,7 @@ def upload_openapi(form_fields: dict) -> dict:
 INGEST_OPENAPI = upload_openapi(
     {"file": {"type": "string", "format": "binary"}, "task": {"type": "string"}}
 )
+SEARCH_OPENAPI = upload_openapi({"file": {"type": "string", "format": "binary"}})
 # one clip raw or multipart, or several `file` parts
 QUERY_OPENAPI = upload_openapi(
     {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}
@@ -72,6 +74,7 @@ class ApiState:
         self.ingest_script = client.register_script(wire.INGEST_SCRIPT)
         self.delete_script = client.register_script(wire.DELETE_SCRIPT)
         self.ingest_upload_script = client.register_script(wire.INGEST_UPLOAD_SCRIPT)
+        self.indexes = search.IndexCache(settings.index_dir)
 
 
 # Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the thread pool,
@@ -143,6 +146,10 @@ def _add_routes(app: FastAPI) -> None:
     app.post("/embed", response_model=schemas.QueryAnswer, openapi_extra=QUERY_OPENAPI)(embed_query)
     app.get("/models", response_model=schemas.ModelList)(models)
     app.delete("/clips/{clip_id}", response_model=schemas.ClipDeleted)(delete_clip)
+    app.get("/search", response_model=schemas.SearchAnswer)(search_by_clip)
+    app.post("/search", response_model=schemas.SearchAnswer, openapi_extra=SEARCH_OPENAPI)(
+        search_by_upload
+    )
     app.get("/healthz")(healthz)
     app.get("/readyz")(readyz)
     app.get("/metrics")(metrics_endpoint)
@@ -441,8 +448,21 @@ async def delete_clip(
     its windows and its file."""
     upload = await state.redis.hgetall(state.keys.clip(clip_id))
     if b"windows" in upload:
+        count = int(upload[b"windows"])
+        await _remove_inputs(state, [wire.window_id(clip_id, i) for i in range(count)])
         return await uploads.delete_upload(state, clip_id, upload)
+    await _remove_inputs(state, [clip_id])
     return await queries.delete_clip(state, clip_id)
+
+
+async def _remove_inputs(state: ApiState, clip_ids: list[str]) -> None:
+    """The clips' kept inputs (worker/inputs.py): a deleted clip is not re-embedded again."""
+
+    def remove() -> None:
+        for cid in clip_ids:
+            input_path(state.settings.inputs_dir, cid).unlink(missing_ok=True)
+
+    await anyio.to_thread.run_sync(remove)
 
 
 async def healthz() -> dict:
@@ -495,3 +515,52 @@ async def _queue_depths(state: ApiState) -> tuple[int, int]:
     pipe.xlen(state.keys.dead)
     backlog, dead = await pipe.execute()
     return int(backlog or 0), int(dead)
+
+
+Direction = Annotated[str, Query(pattern="^(a2v|v2a|a2a|v2v)$")]
+
+
+async def search_by_clip(
+    state: State,
+    _: Authorized,
+    clip_id: Annotated[str, Query(pattern=ANY_CLIP_ID)],
+    direction: Direction = "a2v",
+    k: Annotated[int, Query(ge=1, le=100)] = 10,
+    version: Version = None,
+    exact: bool = False,
+) -> dict:
+    """The `k` kept clips nearest a kept clip (the clip itself left out), by cosine in one
+    version's space: the version asked or the newest with a complete index (`flava reembed`).
+    `direction` a2v: the clip's audio against the others' video (v2a, a2a, v2v alike)."""
+    index = await state.indexes.get(version)
+    query = search.by_clip(index, clip_id, direction)
+    answer = await search.run(index, query, direction, k, exact, exclude=clip_id)
+    return await search.drop_deleted(state.redis, state.keys, answer)
+
+
+async def search_by_upload(
+    request: Request,
+    state: State,
+    _: Authorized,
+    direction: Direction = "a2v",
+    k: Annotated[int, Query(ge=1, le=100)] = 10,
+    version: Version = None,
+    exact: bool = False,
+) -> dict | JSONResponse:
+    """Search with a posted clip (raw body or multipart `file`): it is embedded, never learned,
+    by the index's own version through the embedders, then searched as GET /search does."""
+    index = await state.indexes.get(version)
+    try:
+        clips = await queries.read_clips(request, state.settings)
+        if len(clips) != 1:
+            raise ProbeError("too_many_clips", "search takes one query clip", 422)
+        await anyio.to_thread.run_sync(queries.probe_all, clips, state.settings.probe_limits())
+    except ProbeError as exc:
+        raise HTTPException(exc.status, {"code": exc.code, "reason": str(exc)}) from exc
+    await queries.check_version(state, index.version)
+    await queries.check_capacity(state)
+    reply = await queries.ask(state, clips, index.version)
+    if reply.status != "ok":
+        return queries.answer(reply)
+    answer = await search.run(index, search.query_vector(reply, direction), direction, k, exact)
+    return await search.drop_deleted(state.redis, state.keys, answer)

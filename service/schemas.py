@@ -55,3 +55,20 @@ class ClipDeleted(BaseModel):
     removed_from_queue: bool = Field(description="its stream entry was still there and is gone")
     in_flight: bool = Field(description="a learner had already read it when it was deleted")
     note: str
+
+
+class SearchHit(BaseModel):
+    clip_id: str = Field(description='a kept clip ("<upload>:<i>" for a window of an upload)')
+    task: str
+    score: float = Field(description="cosine similarity in the index's version's space")
+
+
+class SearchAnswer(BaseModel):
+    """GET and POST /search: nearest kept clips in one version's space."""
+
+    version: str = Field(description='"G.N" of the index (and of the query\'s embedding)')
+    direction: str = Field(description="a2v | v2a | a2a | v2v: query modality, gallery modality")
+    k: int
+    indexed: int = Field(description="clips in the index")
+    search: str = Field(description="exact, or hnsw (approximate) for large indexes")
+    hits: list[SearchHit] = Field(description="best first; clips deleted since are left out")

@@ -30,6 +30,8 @@ class ApiSettings(BaseSettings):
     max_upload_bytes: int = 8 * 1024**3
     max_duration_s: float = 3 * 3600.0
     blob_dir: str = "var/blobs"
+    index_dir: str = "var/index"  # search indexes written by `flava reembed` (contract/index.py)
+    inputs_dir: str = "var/inputs"  # the worker's kept inputs: DELETE /clips removes a clip's
     preset: str = "tiny"  # the learners' model preset (FLAVA_PRESET): sets the window span
     window_stride_s: float | None = None  # between windows' starts; None: the span (no overlap)
     max_width: int = 4096  # DCI 4K

@@ -87,6 +87,7 @@ def worker_settings(redis_url, prefix, tmp_path):
             checkpoint_dir=str(tmp_path / "ckpt"),
             models_dir=str(tmp_path / "models"),
             blob_dir=str(tmp_path / "blobs"),  # where the API of a test stores long uploads
+            inputs_dir=str(tmp_path / "inputs"),
             checkpoint_every=1000,  # tests checkpoint when they choose (settle) or on idle:
             checkpoint_interval_s=3600.0,  # a slow shared machine must not add one mid-test
         )

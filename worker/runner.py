@@ -45,6 +45,7 @@ from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_
 from worker.core.media import Clip
 from worker.core.model import preset
 from worker.decoding import DecodePool, PendingDecode
+from worker.inputs import InputStore
 from worker.lease import Lease
 from worker.models import ModelPublisher  # published snapshots for the embedders
 from worker.monitoring import MonitorConfig, StreamMonitor
@@ -125,6 +126,7 @@ class Worker:
             device=str(pick_device(settings.device)),
         )
         self.counters = Counters()
+        self.inputs = InputStore.from_settings(settings)
         self.pool = DecodePool(
             settings.decode_processes,
             self.media_cfg,
@@ -215,6 +217,8 @@ class Worker:
                 self.monitor.catch_up(self.counters.step, self.version)
             self.checkpoints.tick(self._snapshot, idle=report is None)
             self._remove_finished_uploads()
+            if report is None and self.inputs is not None:
+                self.inputs.maybe_sweep()  # retention, when the stream is idle
             self.heartbeat()
         except RedisError as exc:
             if transient(exc) or lost_group(exc):
@@ -314,6 +318,9 @@ class Worker:
                 continue
             telemetry.DECODE_SECONDS.observe(result.seconds)
             decoded.append((d, result.clip()))
+        if self.inputs is not None:
+            for d, clip in decoded:
+                self.inputs.put(d.entry.clip_id, d.entry.task, self.settings.preset, clip)
         return decoded
 
     def _learn(self, clips: list[tuple[Delivery, Clip]]) -> StepStats | None:

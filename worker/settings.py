@@ -37,6 +37,11 @@ class WorkerSettings(BaseSettings):
     checkpoint_dir: str = "var/checkpoints"
     # uploads cut into windows keep their bytes here (written by the API: a shared volume)
     blob_dir: str = "var/blobs"
+    # each clip's decoded inputs (fp16), kept for `flava reembed` and search indexes
+    # (worker/inputs.py): "" keeps none; the oldest go past the bytes or the days
+    inputs_dir: str = "var/inputs"
+    inputs_max_bytes: int = 10 * 1024**3
+    inputs_max_days: float = 30.0
     # checkpoints (worker/checkpointing.py): a clip is acked once one holds its update, after
     # `checkpoint_every` updates, `checkpoint_interval_s` seconds or an idle stream, whichever
     # comes first (and one at shutdown)

@@ -53,6 +53,7 @@ def test_sigterm_finishes_batch_checkpoints_and_exits_zero(tmp_path):
         "FLAVA_REDIS_URL": server.url,
         "FLAVA_KEY_PREFIX": PREFIX,
         "FLAVA_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "FLAVA_INPUTS_DIR": str(tmp_path / "inputs"),
         "FLAVA_CONSUMER": "w",
         "FLAVA_BATCH_SIZE": "4",
         "FLAVA_SHUTDOWN_GRACE_S": "60",

@@ -166,6 +166,8 @@ def stack(redis_url, prefix, tmp_path):
         "FLAVA_HEARTBEAT_S": "1",
         "FLAVA_METRICS_PORT": str(worker_port),
         "FLAVA_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "FLAVA_INPUTS_DIR": str(tmp_path / "inputs"),
+        "FLAVA_BLOB_DIR": str(tmp_path / "blobs"),
         "FLAVA_CHECKPOINT_EVERY": "1000",
         "FLAVA_MONITOR_WINDOW": "4",
         "FLAVA_MONITOR_EVERY": "1",

@@ -1,0 +1,119 @@
+"""``/search``: nearest kept clips in one version's space (contract/index.py).
+
+An index holds the embeddings one published version made of every kept clip (``flava
+reembed``). A search answers from the version asked, or from the newest version with a
+complete index, and says which. ``GET /search?clip_id=`` takes the clip's own vector in that
+index as the query; ``POST /search`` embeds the posted clip with that same version (through
+the embedders, as ``POST /embed?version=`` does), so query and gallery share one space.
+
+The API loads indexes itself (numpy + faiss, no torch), the newest few kept in memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import anyio
+import numpy as np
+from fastapi import HTTPException
+
+from contract import index as vindex
+from contract import wire
+
+LOADED_MAX = 2  # indexes held in memory per API process (the newest and a pinned one)
+
+
+class IndexCache:
+    """Version -> loaded index, least recently used dropped past LOADED_MAX."""
+
+    def __init__(self, index_dir: str):
+        self.index_dir = index_dir
+        self._loaded: OrderedDict[str, vindex.VersionIndex] = OrderedDict()
+
+    def versions(self) -> list[str]:
+        return vindex.complete_versions(self.index_dir)
+
+    async def get(self, version: str | None) -> vindex.VersionIndex:
+        """The index of ``version`` (default: the newest complete one); 404 if none."""
+        listed = await anyio.to_thread.run_sync(self.versions)
+        if version is None:
+            if not listed:
+                reason = "no search index yet: run `flava reembed` (it indexes a published version)"
+                raise HTTPException(404, {"code": "no_index", "reason": reason})
+            version = listed[-1]
+        else:
+            version = str(wire.ModelVersion.parse(version))
+            if version not in listed:
+                reason = f"no complete index of version {version}; indexed: {listed}"
+                raise HTTPException(404, {"code": "index_unknown", "reason": reason})
+        loaded = self._loaded.get(version)
+        if loaded is None or loaded.made_at < _made_at(self.index_dir, version):
+            loaded = await anyio.to_thread.run_sync(
+                vindex.VersionIndex.load, self.index_dir, version
+            )
+            self._loaded[version] = loaded
+        self._loaded.move_to_end(version)
+        while len(self._loaded) > LOADED_MAX:
+            self._loaded.popitem(last=False)
+        return loaded
+
+
+def _made_at(index_dir: str, version: str) -> float:
+    import json
+
+    meta = vindex.version_dir(index_dir, version) / "meta.json"
+    return float(json.loads(meta.read_text())["made_at"])
+
+
+def by_clip(index: vindex.VersionIndex, clip_id: str, direction: str) -> np.ndarray:
+    """The query vector of a kept clip: its own vector in the index; 404 if not indexed."""
+    query_modality = vindex.DIRECTIONS[direction][0]
+    vector = index.vector(clip_id, query_modality)
+    if vector is None:
+        reason = (
+            f"clip {clip_id[:12]} is not in the index of version {index.version} (it came "
+            f"after the index was made, or its inputs were not kept): run `flava reembed`"
+        )
+        raise HTTPException(404, {"code": "not_indexed", "reason": reason})
+    return vector
+
+
+async def run(
+    index: vindex.VersionIndex,
+    query: np.ndarray,
+    direction: str,
+    k: int,
+    exact: bool,
+    exclude: str | None = None,
+) -> dict:
+    """Search off the event loop and shape the answer."""
+    gallery = vindex.DIRECTIONS[direction][1]
+    hits = await anyio.to_thread.run_sync(
+        lambda: index.search(query, gallery, k, exact=exact, exclude=exclude)
+    )
+    return {
+        "version": index.version,
+        "direction": direction,
+        "k": k,
+        "indexed": len(index),
+        "search": "exact" if exact or gallery not in index.graphs else "hnsw",
+        "hits": [{"clip_id": h.clip_id, "task": h.task, "score": h.score} for h in hits],
+    }
+
+
+async def drop_deleted(redis, keys: wire.Keys, answer: dict) -> dict:
+    """Leave out hits whose clip was deleted since the index was made (DELETE /clips removes
+    the clip's state; the index files are rewritten only by the next `flava reembed`)."""
+    hits = answer["hits"]
+    pipe = redis.pipeline(transaction=False)
+    for hit in hits:
+        pipe.exists(keys.clip(hit["clip_id"]))
+    alive = await pipe.execute() if hits else []
+    answer["hits"] = [h for h, a in zip(hits, alive, strict=True) if a]
+    return answer
+
+
+def query_vector(reply: wire.QueryReply, direction: str) -> np.ndarray:
+    """The posted clip's embedding (from the embedder's reply) in the query modality."""
+    rows = reply.audio if vindex.DIRECTIONS[direction][0] == "audio" else reply.video
+    return np.asarray(rows[0], dtype=np.float32)

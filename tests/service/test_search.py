@@ -1,0 +1,161 @@
+"""Kept inputs -> `flava reembed` -> /search, on real Redis with a real Worker, a published
+model and an embedder: one version's space end to end."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+
+from contract import index as vindex
+from contract import wire
+from service.app import create_app
+from service.settings import ApiSettings
+from tests.queueing import enqueue, stream_clips
+from worker.core.media import decode_clip
+from worker.embedder import Embedder, embed_clips
+from worker.inputs import InputStore
+from worker.models import load_model
+from worker.reembed import reembed
+from worker.runner import Worker
+from worker.settings import EmbedderSettings
+
+CLIPS = 6
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[bytes]:
+    return stream_clips(CLIPS, seed=5)
+
+
+@pytest.fixture
+def learned(clips, redis_url, prefix, worker_settings, tmp_path):
+    """A worker that learned the clips, published a model and kept their inputs."""
+    client = redis.Redis.from_url(redis_url)
+    ids = [enqueue(client, wire.Keys(prefix), c, task="seg") for c in clips]
+    settings = worker_settings(publish_every=1)
+    worker = Worker(settings, client)
+    worker.start()
+    while worker.iterate() is not None:
+        pass
+    assert worker.settle()
+    worker.models.flush()
+    yield settings, ids
+    client.close()
+
+
+@pytest.fixture
+def api(redis_url, prefix, learned, tmp_path):
+    settings, _ = learned
+    api_settings = ApiSettings(
+        redis_url=redis_url,
+        key_prefix=prefix,
+        index_dir=str(tmp_path / "index"),
+        inputs_dir=settings.inputs_dir,
+        query_timeout_s=30,
+    )
+    with TestClient(create_app(api_settings)) as c:
+        yield c
+
+
+def test_the_worker_keeps_each_clips_decoded_inputs(learned, clips):
+    settings, ids = learned
+    kept = {k.clip_id: k for k in InputStore(settings.inputs_dir).scan(task="seg")}
+    assert set(kept) == set(ids)
+    media = settings and decode_clip(
+        clips[0], load_model(settings.models_dir, _newest(settings)).media
+    )
+    assert torch.allclose(kept[ids[0]].clip.fbank, media.fbank, atol=2e-2)  # float16 kept
+    assert kept[ids[0]].preset == "tiny"
+
+
+def _newest(settings) -> str:
+    from worker.reembed import newest_published
+
+    return newest_published(settings.models_dir)
+
+
+def test_reembed_indexes_every_kept_clip_in_one_versions_space(learned, clips, tmp_path):
+    settings, ids = learned
+    version = _newest(settings)
+    result = reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index")
+    assert (result.version, result.count) == (version, CLIPS)
+    index = vindex.VersionIndex.load(tmp_path / "index", version)
+    loaded = load_model(settings.models_dir, version)
+    emb_a, emb_v = embed_clips(loaded, [decode_clip(clips[2], loaded.media)])
+    expected = vindex.unit_rows(emb_v.numpy())[0]
+    assert np.allclose(index.vector(ids[2], "video"), expected, atol=2e-2)
+
+
+def test_search_answers_from_the_newest_index_and_leaves_out_deleted_clips(learned, api, tmp_path):
+    settings, ids = learned
+    none = api.get("/search", params={"clip_id": ids[0]})
+    assert none.status_code == 404 and none.json()["detail"]["code"] == "no_index"
+    version = reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index").version
+    r = api.get("/search", params={"clip_id": ids[0], "direction": "a2v", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == version and body["indexed"] == CLIPS and body["search"] == "exact"
+    hits = [h["clip_id"] for h in body["hits"]]
+    assert len(hits) == 3 and ids[0] not in hits and set(hits) <= set(ids)
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    unknown = api.get("/search", params={"clip_id": "e" * 64})
+    assert unknown.status_code == 404 and unknown.json()["detail"]["code"] == "not_indexed"
+    other = api.get("/search", params={"clip_id": ids[0], "version": "999.1"})
+    assert other.status_code == 404 and other.json()["detail"]["code"] == "index_unknown"
+    assert api.delete(f"/clips/{hits[0]}").status_code == 200
+    again = api.get("/search", params={"clip_id": ids[0], "direction": "a2v", "k": 5})
+    assert hits[0] not in [h["clip_id"] for h in again.json()["hits"]]
+    assert not vindex.input_path(settings.inputs_dir, hits[0]).exists()  # not indexed again
+
+
+def test_post_search_embeds_the_query_with_the_index_version(
+    learned, api, clips, redis_url, prefix, tmp_path
+):
+    settings, ids = learned
+    version = reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index").version
+    client = redis.Redis.from_url(redis_url)
+    embedder_settings = EmbedderSettings(
+        redis_url=redis_url,
+        key_prefix=prefix,
+        models_dir=settings.models_dir,
+        name="e1",
+        block_ms=50,
+        reload_check_s=0.0,
+    )
+    stop = threading.Event()
+    embedder = Embedder(embedder_settings, client)
+    thread = threading.Thread(target=embedder.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        r = _post_search(api, clips[4])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        client.close()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == version
+    top = body["hits"][0]
+    assert top["clip_id"] == ids[4] and top["score"] > 0.999  # the same clip, the same space
+
+
+def _post_search(api, clip: bytes, timeout: float = 60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = api.post(
+            "/search",
+            content=clip,
+            params={"direction": "a2a", "k": 3},
+            headers={"Content-Type": "video/mp4"},
+        )
+        if r.status_code != 503 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
