@@ -159,3 +159,18 @@ def _post_search(api, clip: bytes, timeout: float = 60.0):
         if r.status_code != 503 or time.monotonic() > deadline:
             return r
         time.sleep(0.2)
+
+
+def test_flava_reembed_command_indexes_the_kept_clips(learned, monkeypatch, tmp_path, capsys):
+    from flava.cli import main
+
+    settings, ids = learned
+    monkeypatch.setenv("FLAVA_MODELS_DIR", settings.models_dir)
+    monkeypatch.setenv("FLAVA_INPUTS_DIR", settings.inputs_dir)
+    monkeypatch.setenv("FLAVA_INDEX_DIR", str(tmp_path / "cli-index"))
+    assert main(["reembed", "--task", "seg"]) == 0
+    version = _newest(settings)
+    assert f"version {version}: {CLIPS} clips indexed" in capsys.readouterr().out
+    assert sorted(vindex.VersionIndex.load(tmp_path / "cli-index", version).ids) == sorted(ids)
+    assert main(["reembed", "--task", "other"]) == 0  # no clip of that task: an empty index
+    assert len(vindex.VersionIndex.load(tmp_path / "cli-index", version)) == 0
