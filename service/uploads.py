@@ -7,9 +7,11 @@ windows queued (INGEST_UPLOAD_SCRIPT): an accepted upload's bytes are on disk fi
 window is a clip of its own (``{upload}:{i}``) that the worker decodes from the file, learns
 and embeds; the worker removes the file once every window has settled.
 
-The pooled embedding of an upload is the mean of its windows' embeddings made by **one**
-model version (docs/versions.md: nothing is pooled across versions), L2-normalised; the
-answer says how many of the windows that version embedded.
+The pooled embedding of an upload is the mean of its windows' L2-normalised embeddings made
+by **one** model version (docs/versions.md: nothing is pooled across versions), normalised
+again: from a search index that holds every window (``flava reembed`` embedded them all with
+one version; ``source: index``), else from the live embeddings of the version that embedded
+most windows (``source: live``); the answer says how many windows that is.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from contract import wire
@@ -164,7 +166,8 @@ async def upload_answer(
         "span_s": float(fields["span_s"]),
         "stride_s": float(fields["stride_s"]),
         "versions": _versions(embeddings),
-        "pooled": pooled(embeddings, version),
+        "pooled": await _indexed_pool(state, upload_id, count, version)
+        or pooled(embeddings, version),
     }
     if fields["state"] == "dead":
         return JSONResponse(
@@ -174,6 +177,29 @@ async def upload_answer(
         body["window_embeddings"] = _page(upload_id, embeddings, offset, limit)
         body["offset"], body["limit"] = offset, limit
     return JSONResponse(body, status_code=200 if settled else 202)
+
+
+async def _indexed_pool(
+    state: ApiState, upload_id: str, count: int, version: str | None
+) -> dict | None:
+    """The pool over **every** window from a search index (``flava reembed`` embedded them
+    all with one version): the asked version's index, else the newest; None unless that
+    index holds all the upload's windows."""
+    try:
+        index = await state.indexes.get(version)
+    except HTTPException:
+        return None  # no such index: the live embeddings answer
+    rows = [index.vector(wire.window_id(upload_id, i), "audio") for i in range(count)]
+    if any(r is None for r in rows):
+        return None
+    video = [index.vector(wire.window_id(upload_id, i), "video") for i in range(count)]
+    return {
+        "model_version": index.version,
+        "windows": count,
+        "source": "index",
+        "audio": _unit_mean([list(map(float, r)) for r in rows if r is not None]),
+        "video": _unit_mean([list(map(float, v)) for v in video if v is not None]),
+    }
 
 
 def _versions(embeddings: list[wire.Embedding | None]) -> list[dict]:
@@ -202,15 +228,21 @@ def pooled(embeddings: list[wire.Embedding | None], version: str | None) -> dict
     return {
         "model_version": version,
         "windows": len(chosen),
+        "source": "live",
         "audio": _unit_mean([e.audio for e in chosen]),
         "video": _unit_mean([e.video for e in chosen]),
     }
 
 
 def _unit_mean(vectors: list[list[float]]) -> list[float]:
-    mean = [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
-    norm = math.sqrt(sum(x * x for x in mean)) or 1.0
-    return [x / norm for x in mean]
+    """The mean of the L2-normalised vectors, L2-normalised (each window counts alike)."""
+    units = [_unit(v) for v in vectors]
+    return _unit([sum(column) / len(units) for column in zip(*units, strict=True)])
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def _page(upload_id: str, embeddings: list, offset: int, limit: int) -> list[dict]:

@@ -11,6 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from contract import wire
+from contract.index import VersionIndex
 from contract.windows import upload_path, window_starts
 from service.app import create_app
 from service.settings import ApiSettings
@@ -36,7 +37,12 @@ def make_api(redis_url, prefix, blob_dir):
 
     def make(**overrides) -> TestClient:
         settings = ApiSettings(
-            redis_url=redis_url, key_prefix=prefix, blob_dir=str(blob_dir), **overrides
+            redis_url=redis_url,
+            key_prefix=prefix,
+            blob_dir=str(blob_dir),
+            index_dir=str(blob_dir.parent / "index"),
+            inputs_dir=str(blob_dir.parent / "inputs"),  # the worker_settings fixture's
+            **overrides,
         )
         client = TestClient(create_app(settings))
         clients.append(client.__enter__())
@@ -81,6 +87,7 @@ def test_a_long_upload_is_stored_as_a_file_and_queued_as_windows(
 def test_windows_are_learned_embedded_pooled_and_the_file_removed(
     make_api, long_clip, blob_dir, redis_url, worker_settings, prefix
 ):
+    from worker.reembed import reembed
     from worker.runner import Worker
 
     api = make_api()
@@ -113,10 +120,27 @@ def test_windows_are_learned_embedded_pooled_and_the_file_removed(
     ]
     assert all(w["status"] == "ready" and w["state"] == "learned" for w in same)
     chosen = [w["video"] for w in same if w["model_version"] == pooled["model_version"]]
-    mean = [sum(col) / len(chosen) for col in zip(*chosen, strict=True)]
-    norm = math.sqrt(sum(x * x for x in mean))
-    assert pooled["video"] == pytest.approx([x / norm for x in mean], abs=1e-5)
+    assert pooled["source"] == "live"
+    assert pooled["video"] == pytest.approx(unit_mean(chosen), abs=1e-5)
+
+    # once one version embedded every window (flava reembed), the pool covers them all
+    settings = worker_settings()
+    indexed = reembed(settings.models_dir, settings.inputs_dir, blob_dir.parent / "index")
+    full = api.get("/embed", params={"clip_id": upload_id}).json()["pooled"]
+    assert (full["source"], full["windows"]) == ("index", WINDOWS)
+    assert full["model_version"] == indexed.version
+    index = VersionIndex.load(blob_dir.parent / "index", indexed.version)
+    rows = [index.vector(f"{upload_id}:{i}", "audio").tolist() for i in range(WINDOWS)]
+    assert full["audio"] == pytest.approx(unit_mean(rows), abs=1e-5)
     client.close()
+
+
+def unit_mean(vectors: list[list[float]]) -> list[float]:
+    """The mean of the unit vectors, as a unit vector."""
+    units = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in vectors]
+    mean = [sum(col) / len(units) for col in zip(*units, strict=True)]
+    norm = math.sqrt(sum(x * x for x in mean))
+    return [x / norm for x in mean]
 
 
 def test_a_clip_of_one_example_stays_in_redis_and_over_its_limit_is_refused(make_api):
