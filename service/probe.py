@@ -1,7 +1,10 @@
 """Cheap validation of an uploaded clip with PyAV: open, inspect streams, decode a frame each.
 
-Runs in the API process (no torch). It reads container headers and decodes at most one
-video frame and one audio frame, so a 10 s clip costs a few milliseconds, not a full decode.
+Runs in the API process (no torch). It opens the upload with the worker's hardened open
+(:mod:`contract.media_open`: no protocols, no demuxer that follows paths, bounded probing,
+decoders capped at the pixel limit), reads container headers and decodes at most one video
+frame and one audio frame, so a 10 s clip costs a few milliseconds, not a full decode. The
+decoded frame's size is checked as the header's is (a header says nothing of the frames).
 
 The contract with the worker (docs/media.md): anything this accepts, ``decode_clip`` decodes.
 A header without a duration (SWF, FLV without metadata) is accepted within the body-size
@@ -11,16 +14,21 @@ limit; the worker finds the length while decoding. The probe never decodes more 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 
+from contract.media_open import (
+    FrameTooLarge,
+    RefusedFormat,
+    open_media,
+    refused_frame_size,
+    video_streams,
+)
+
 log = logging.getLogger(__name__)
-_OPEN_OPTIONS = {"protocol_whitelist": "none"}  # uploads are untrusted (as worker.core.media)
 
 
 @dataclass(frozen=True)
@@ -57,21 +65,22 @@ class ProbeError(ValueError):
 
 def probe_clip(data: bytes | Path, limits: ProbeLimits) -> ProbeResult:
     """Validate ``data`` (bytes, or a file holding them) as an audio-video clip; raise
-    :class:`ProbeError` with a reason. Nested opens (concat lists, playlists) may read no
-    other file or URL, as in the worker's decoder."""
+    :class:`ProbeError` with a reason: 415 ``refused_format`` for a demuxer that follows paths
+    (nothing else is opened), 422 ``resolution_too_large`` for a decoded frame over the limit."""
+    max_pixels = limits.max_width * limits.max_height
     try:
-        with contextlib.ExitStack() as stack:
-            if isinstance(data, Path):
-                source: io.IOBase = stack.enter_context(data.open("rb"))
-            else:
-                source = io.BytesIO(data)
-            container = stack.enter_context(
-                av.open(source, "r", container_options=_OPEN_OPTIONS, metadata_errors="ignore")
-            )
+        with open_media(data, max_pixels, metadata_errors="ignore") as container:
             return _inspect(container, limits)
     except ProbeError:
         raise
+    except RefusedFormat as exc:
+        raise ProbeError(exc.code, str(exc), 415) from exc
+    except FrameTooLarge as exc:
+        raise ProbeError("resolution_too_large", str(exc)) from exc
     except (av.error.FFmpegError, ValueError, OSError, EOFError) as exc:
+        too_large = refused_frame_size(exc, max_pixels)
+        if too_large is not None:
+            raise ProbeError("resolution_too_large", str(too_large)) from exc
         raise ProbeError("undecodable", f"not a decodable media file: {exc}", 415) from exc
 
 
@@ -79,11 +88,13 @@ def _inspect(container, limits: ProbeLimits) -> ProbeResult:
     streams = container.streams
     if len(streams) > limits.max_streams:
         raise ProbeError("too_many_streams", f"{len(streams)} streams > {limits.max_streams}")
-    if not streams.video:
-        raise ProbeError("no_video", "the file has no video stream")
+    videos = video_streams(container)
+    if not videos:
+        cover = " (an attached picture, cover art, is not video)" if streams.video else ""
+        raise ProbeError("no_video", f"the file has no video stream{cover}")
     if not streams.audio:
         raise ProbeError("no_audio", "the file has no audio stream")
-    video, audio = streams.video[0], streams.audio[0]
+    video, audio = videos[0], streams.audio[0]
     _check_size(video.codec_context.width, video.codec_context.height, limits)
     duration = _duration(container, video, audio)
     _check_duration(duration, limits)
@@ -134,12 +145,18 @@ def _check_duration(duration: float | None, limits: ProbeLimits) -> None:
 
 
 def _decode_first_frames(container, video, audio, limits: ProbeLimits) -> None:
-    """Decode until one video and one audio frame came out; a file that can't is refused."""
+    """Decode until one video and one audio frame came out; a file that can't is refused, as
+    is a decoded frame whose size the header check would refuse."""
+    video.thread_type = "SLICE"  # one frame: no frame threads (nor their buffers)
     need = {video.index: "video", audio.index: "audio"}
     for n, packet in enumerate(container.demux(video, audio)):
         if n >= limits.max_probe_packets:
             break
-        if packet.stream.index in need and packet.decode():
+        frames = packet.decode() if packet.stream.index in need else []
+        if packet.stream.index == video.index:
+            for frame in frames:
+                _check_size(frame.width, frame.height, limits)
+        if frames:
             del need[packet.stream.index]
         if not need:
             return

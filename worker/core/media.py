@@ -17,6 +17,11 @@ Audio and video of one example come from the **same time span** (the aligned win
   shorter side is ``frame_size`` (bicubic), centre-cropped to a square (as CAV-MAE's Resize +
   CenterCrop) and normalised with ImageNet mean/std.
 
+Untrusted bytes: containers are opened by ``contract.media_open.open_media``, the API probe's
+open (no protocols, no demuxer that follows paths, bounded probing, decoders capped at
+``max_pixels``), and every decoded frame is checked against ``max_pixels`` (MediaTooLarge):
+a header's frame size says nothing of the frames that follow.
+
 Time is measured from the container's start time. Decoding seeks to the keyframe before the first
 target and stops after the last one (a seek that fails or yields nothing falls back to decoding
 from the start); audio stops after the samples it needs. A header without a duration (SWF,
@@ -29,8 +34,6 @@ compete with FFmpeg, which made a 10 s clip ~3x slower on 2 cores.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import logging
 import math
@@ -43,14 +46,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contract.media_open import (
+    FrameTooLarge,
+    RefusedFormat,
+    check_frame,
+    open_media,
+    refused_frame_size,
+    video_streams,
+)
 from worker.core.fbank import kaldi_fbank, num_samples_for_frames
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-# nested opens (concat lists, playlists) may read no file or URL: clip bytes are untrusted
-_OPEN_OPTIONS = {"protocol_whitelist": "none"}
 _THREADED_PIXELS = 640 * 480  # decode larger frames with FFmpeg's threads
 _RESAMPLE_CHUNK = 8192  # samples per resampled frame (0.5 s at 16 kHz)
 AUDIO_SEEK_MIN_S = 1.0  # spans starting later are reached by a seek, not by decoding up to them
@@ -70,7 +79,7 @@ class MediaConfig:
     frame_size: int = 224  # square frame side after resize + centre crop
     video_window_s: float = 4.0  # frames are spread evenly over a window this long
     max_duration_s: float = 3 * 3600.0  # longer media is refused (MediaTooLarge), as by the API
-    max_pixels: int = 4096 * 2304  # larger coded frames are refused (MediaTooLarge)
+    max_pixels: int = 4096 * 2304  # larger frames (header or decoded) are refused (MediaTooLarge)
 
 
 @dataclass
@@ -95,7 +104,7 @@ class NoVideoStream(MediaError):
 
 
 class UndecodableMedia(MediaError):
-    """FFmpeg cannot read the container or decode a stream."""
+    """FFmpeg cannot read the container or decode a stream (or its format is refused)."""
 
 
 class MediaTooLarge(MediaError):
@@ -128,7 +137,14 @@ def decode_clip(
         return _decode(data, cfg, train, generator, start_s)
     except MediaError:
         raise
+    except RefusedFormat as err:
+        raise UndecodableMedia(str(err)) from err
+    except FrameTooLarge as err:
+        raise MediaTooLarge(str(err)) from err
     except (av.FFmpegError, ValueError, OSError) as err:
+        too_large = refused_frame_size(err, cfg.max_pixels)
+        if too_large is not None:
+            raise MediaTooLarge(str(too_large)) from err
         reason = getattr(err, "strerror", None) or str(err)
         raise UndecodableMedia(f"FFmpeg cannot decode the media: {reason}") from err
 
@@ -141,7 +157,7 @@ def _decode(
     start_s: float | None,
 ) -> Clip:
     """decode_clip without the error translation."""
-    with _open(data) as container:
+    with open_media(data, cfg.max_pixels) as container:
         _audio_stream(container)  # refuses media without one before anything is decoded
         video = _video_stream(container)
         duration = _duration_s(container)
@@ -154,23 +170,9 @@ def _decode(
     if duration is None:
         duration = start + waveform.size / cfg.sample_rate
     window = _window_at(start, duration, cfg, train, generator)
-    frames = _decode_frames(data, list(window.frame_times), cfg.frame_size)
+    frames = _decode_frames(data, list(window.frame_times), cfg.frame_size, cfg.max_pixels)
     fbank = audio_features(torch.from_numpy(waveform), cfg)
     return Clip(fbank=fbank, frames=frames, duration_s=duration)
-
-
-@contextlib.contextmanager
-def _open(data: Source) -> Iterator[av.container.InputContainer]:
-    """An input container over ``data`` that cannot open other files or URLs (nested opens:
-    concat lists, playlists). A path is opened here and handed over as a file object, so
-    FFmpeg's own file protocol stays off for uploads that name other files."""
-    with contextlib.ExitStack() as stack:
-        if isinstance(data, bytes | bytearray):
-            source: io.IOBase = io.BytesIO(data)
-        else:
-            source = stack.enter_context(open(data, "rb"))  # noqa: SIM115 (closed by the stack)
-        container = av.open(source, "r", container_options=_OPEN_OPTIONS, metadata_errors="replace")
-        yield stack.enter_context(container)
 
 
 def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
@@ -182,8 +184,7 @@ def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
 
 def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
     """The first video stream that is not an attached (cover) picture."""
-    cover = av.stream.Disposition.attached_pic
-    videos = [s for s in container.streams.video if not s.disposition & cover]
+    videos = video_streams(container)
     if not videos:
         raise NoVideoStream(f"no video stream in the {container.format.name} media")
     return videos[0]
@@ -236,7 +237,7 @@ def _waveform(data: Source, cfg: MediaConfig, start_s: float, seek: bool) -> np.
     nothing. Without a seek, silence is padded where the audio itself starts late."""
     needed = num_samples_for_frames(cfg.audio_frames, cfg.sample_rate)
     rate = cfg.sample_rate
-    with _open(data) as container:
+    with open_media(data, cfg.max_pixels) as container:
         stream = _audio_stream(container)
         origin = _origin_s(container)
         if seek:
@@ -378,8 +379,9 @@ def frame_times(
     return list(example_window(duration_s, cfg, train=train, generator=generator).frame_times)
 
 
-def _decode_frames(data: Source, times: list[float], size: int) -> Tensor:
-    """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised.
+def _decode_frames(data: Source, times: list[float], size: int, max_pixels: int) -> Tensor:
+    """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised;
+    FrameTooLarge for any decoded frame over ``max_pixels``.
 
     Seeks to the keyframe before the first target. A seek that fails, lands after the target,
     or leaves the decoder with no frame (no keyframe after the landing point) or an error
@@ -387,30 +389,44 @@ def _decode_frames(data: Source, times: list[float], size: int) -> Tensor:
     is abandoned: the frames are decoded again from the start, which every accepted file allows.
     """
     try:
-        frames = _pick_frames(data, times, size, seek=True)
+        frames = _pick_frames(data, times, size, seek=True, max_pixels=max_pixels)
     except (av.FFmpegError, UndecodableMedia) as err:  # a failed seek leaves the demuxer anywhere
         logger.debug("decoding after a seek failed (%s): decoding from the start", err)
         frames = None
     if frames is None:
-        frames = _pick_frames(data, times, size, seek=False)
+        frames = _pick_frames(data, times, size, seek=False, max_pixels=max_pixels)
     assert frames is not None  # without a seek nothing lands late
     return frames
 
 
-def _pick_frames(data: Source, times: list[float], size: int, seek: bool) -> Tensor | None:
+def _pick_frames(
+    data: Source,
+    times: list[float],
+    size: int,
+    seek: bool,
+    max_pixels: int = MediaConfig.max_pixels,
+) -> Tensor | None:
     """The frames nearest ``times``, after a seek when ``seek``; None if it landed too late."""
-    with _open(data) as container:
+    with open_media(data, max_pixels) as container:
         stream = _video_stream(container)
         _set_threads(stream)
         targets = [_origin_s(container) + t for t in times]
         if seek:
             _seek(container, stream, targets[0])
         step = 1 / float(stream.average_rate or 25)  # for frames without a timestamp
-        picked, first = _nearest_frames(container.decode(stream), targets, step)
+        decoded = _checked(container.decode(stream), max_pixels)
+        picked, first = _nearest_frames(decoded, targets, step)
         if seek and first > targets[0]:
             logger.debug("seek landed at %.3f s, after %.3f s", first, targets[0])
             return None
         return torch.stack([_frame_tensor(frame, size) for frame in picked])
+
+
+def _checked(frames: Iterable[av.VideoFrame], max_pixels: int) -> Iterator[av.VideoFrame]:
+    """``frames``, each refused (FrameTooLarge) when over ``max_pixels``."""
+    for frame in frames:
+        check_frame(frame, max_pixels)
+        yield frame
 
 
 def _set_threads(stream: av.VideoStream) -> None:
