@@ -170,8 +170,11 @@ def _serve(args) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.settings import ApiSettings
 
     options = {"host": args.host, "port": args.port, "log_level": args.log_level.lower()}
+    # past this many connections uvicorn answers 503 at once; stalled bodies are cut (408)
+    options["limit_concurrency"] = ApiSettings().limit_concurrency
     if args.workers > 1:  # uvicorn starts each process from an import string
         uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
     else:

@@ -24,7 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from contract import wire
 from contract.faults import unavailable
@@ -194,8 +194,11 @@ async def _read_upload(
     """-> (the body, content type, task from a form field); 4xx on anything unusable."""
     content_type = request.headers.get("content-type", "application/octet-stream")
     if content_type.startswith("multipart/form-data"):
-        body = await queries.read_capped(request, settings.max_body_bytes)
-        return await _from_multipart(request, body, settings.max_body_bytes)
+        form = await uploads.receive_form(request, settings, settings.max_body_bytes)
+        try:
+            return await _from_multipart(form)
+        finally:
+            await form.close()
     if not content_type.startswith(queries.RAW_TYPES):
         raise ProbeError("unsupported_content_type", f"content type {content_type!r}", 415)
     received = await uploads.receive_raw(request, settings)
@@ -204,23 +207,25 @@ async def _read_upload(
     return received, content_type, ""
 
 
-async def _from_multipart(
-    request: Request, body: bytes, limit: int
-) -> tuple[uploads.Received, str, str]:
-    form = await queries.parse_form(request, body, limit)
+async def _from_multipart(form: FormData) -> tuple[uploads.Received, str, str]:
+    """The `file` part (its content type checked as a raw body's) and the `task` field; the
+    part's bytes are read once, from the spooled file."""
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ProbeError("no_file", "multipart upload has no 'file' part", 422)
+    content_type = upload.content_type or "application/octet-stream"
+    if not content_type.startswith(queries.RAW_TYPES):
+        reason = f"the file part's content type {content_type!r}"
+        raise ProbeError("unsupported_content_type", reason, 415)
+    task = form.get("task")
+    task = task if isinstance(task, str) else ""
+    if task and not wire.TASK_PATTERN.fullmatch(task):
+        raise ProbeError("bad_task", "task must match [A-Za-z0-9_.:-]{1,64}", 422)
     data = await upload.read()
     if not data:
         raise ProbeError("empty_body", "the uploaded file is empty", 400)
-    task = form.get("task")
-    task = task if isinstance(task, str) else ""
-    if task and not wire.TASK_PATTERN.match(task):
-        raise ProbeError("bad_task", "task must match [A-Za-z0-9_.:-]{1,64}", 422)
     digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
-    received = uploads.Received(digest, len(data), data, None)
-    return received, upload.content_type or "application/octet-stream", task
+    return uploads.Received(digest, len(data), data, None), content_type, task
 
 
 def _one_example(received: uploads.Received, settings: ApiSettings) -> bytes:

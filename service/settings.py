@@ -37,6 +37,11 @@ class ApiSettings(BaseSettings):
     max_width: int = 4096  # DCI 4K
     max_height: int = 2160
     max_streams: int = 8
+    # a client that stalls holds a connection and its buffers: the body must keep coming
+    body_idle_s: float = 10.0  # no byte of the body for this long: 408
+    body_grace_s: float = 10.0  # then at least body_min_rate bytes/s on average, else 408
+    body_min_rate: int = 16 * 1024
+    limit_concurrency: int = 1024  # connections `flava serve` holds at once (then 503)
     blob_ttl_s: int = 24 * 3600  # claim-check bytes expire if no worker ever takes them
     max_backlog: int = 2000  # accepted-but-unacked entries before /ingest answers 429
     # ... and their bytes: 2,000 x 64 MiB must not fill Redis (keep Redis's maxmemory above it)

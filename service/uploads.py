@@ -20,6 +20,8 @@ import hashlib
 import math
 import os
 import secrets
+import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from contract import wire
 from contract.windows import PARTIAL_SUFFIX, upload_path
@@ -62,17 +66,12 @@ async def receive_raw(request: Request, settings: ApiSettings) -> Received:
     """Stream a raw body: hashed as it comes, kept in memory up to ``max_body_bytes``, then
     spilled to a partial file in ``blob_dir``; 413 past ``max_upload_bytes``."""
     limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"body of {declared} bytes exceeds {limit} (FLAVA_MAX_UPLOAD_BYTES)")
     digest, size = hashlib.sha256(), 0
     chunks: list[bytes] = []
     partial, out = None, None
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, settings, limit, "FLAVA_MAX_UPLOAD_BYTES"):
             size += len(chunk)
-            if size > limit:
-                raise _too_large(f"body exceeds {limit} bytes (FLAVA_MAX_UPLOAD_BYTES)")
             digest.update(chunk)
             if out is None and size > settings.max_body_bytes:
                 partial = _partial_path(settings.blob_dir)
@@ -92,6 +91,49 @@ async def receive_raw(request: Request, settings: ApiSettings) -> Received:
         out.close()
     data = b"".join(chunks) if out is None else None
     return Received(digest.hexdigest(), size, data, partial)
+
+
+async def body_chunks(
+    request: Request, settings: ApiSettings, limit: int, name: str
+) -> AsyncGenerator[bytes, None]:
+    """The body as it comes: 413 past ``limit`` bytes (the setting ``name``), 408 when the
+    client stalls: no byte for ``body_idle_s``, or, after ``body_grace_s``, fewer than
+    ``body_min_rate`` bytes a second on average (a client trickling a byte every few seconds
+    would hold its connection and its buffers for ever)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"body of {declared} bytes exceeds {limit} ({name})")
+    started, size = time.monotonic(), 0
+    chunks = request.stream().__aiter__()
+    while True:
+        allowed = started + settings.body_grace_s + size / settings.body_min_rate
+        wait = min(settings.body_idle_s, allowed - time.monotonic())
+        try:
+            with anyio.fail_after(max(wait, 0.0)):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            reason = (
+                f"the body came too slowly: {size} bytes in {time.monotonic() - started:.1f} s "
+                f"(at least {settings.body_min_rate} bytes/s after {settings.body_grace_s} s, "
+                f"no pause over {settings.body_idle_s} s)"
+            )
+            raise ProbeError("body_timeout", reason, 408) from None
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"body exceeds {limit} bytes ({name})")
+        yield chunk
+
+
+async def receive_form(request: Request, settings: ApiSettings, limit: int) -> FormData:
+    """A multipart body parsed as it streams in (capped and timed as ``body_chunks``): its
+    file parts are spooled (to disk past 1 MB), never joined in memory; 400 if malformed."""
+    chunks = body_chunks(request, settings, limit, "FLAVA_MAX_BODY_BYTES")
+    try:
+        return await MultiPartParser(request.headers, chunks, max_part_size=limit).parse()
+    except MultiPartException as exc:
+        raise ProbeError("bad_multipart", f"malformed multipart body: {exc}", 400) from exc
 
 
 def _partial_path(blob_dir: str) -> Path:
