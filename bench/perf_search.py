@@ -109,7 +109,8 @@ def markdown(r: dict) -> str:
         [
             "# Search: HNSW vs exact, one version's index",
             "",
-            f"`python -m bench.perf_search --count {c['count']}`: {c['count']:,} unit vectors of"
+            f"`python -m bench.perf_search --count {c['count']} --spread {c['spread']}`:"
+            f" {c['count']:,} unit vectors of"
             f" {c['dim']} dimensions (`base` width; a mixture of {c['clusters']} clusters, not real"
             f" embeddings), {c['queries']} fresh queries, k = {c['k']}, one query at a time through"
             " `VersionIndex.search` (what `/search` runs), the two sides alternating per query."
@@ -137,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=BASE_DIM)
     p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--spread", type=float, default=0.35, help="within-cluster spread")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    cfg = SearchBenchConfig(count=args.count, dim=args.dim, queries=args.queries, out=args.out)
+    cfg = SearchBenchConfig(
+        count=args.count, dim=args.dim, queries=args.queries, spread=args.spread, out=args.out
+    )
     result = run(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "search.json").write_text(json.dumps(result, indent=2) + "\n")
