@@ -6,18 +6,23 @@ rest of contract/ it imports no torch.
 
 An index holds **one version's space** (docs/versions.md): every vector in it was made by the
 same weights, so a query embedded by that version can be compared with all of them. Layout of
-``index_dir/{G.N}/``, written into a temporary directory and renamed whole, so an index that
-exists is complete:
+``index_dir/{G.N}/``:
 
-- ``meta.json``: version, count, dim, made_at, seconds, ann (whether HNSW graphs are stored)
-- ``ids.json``: the clip ids (a window is "{upload}:{i}") and their tasks, row order
-- ``audio.npy``, ``video.npy``: (count, dim) float32, each row L2-normalised
-- ``audio.faiss``, ``video.faiss``: HNSW graphs (faiss, inner product = cosine on unit rows)
-  when count >= ``ANN_MIN``; smaller indexes are searched exactly.
+- ``meta.json``: version, count, dim, parts, made_at (the full pass), updated_at
+- ``part-00000/``, ``part-00001/``, ...: rows written together: the full pass that made the
+  index, then the clips that landed since (``append_part``, ``flava reembed --follow``), each
+  embedded by the same version. A part holds ``ids.json`` (clip ids, "{upload}:{i}" for a
+  window, and their tasks), ``audio.npy`` and ``video.npy`` ((count, dim) float32, L2-normalised
+  rows), and ``audio.faiss`` / ``video.faiss`` (HNSW graphs, inner product = cosine on unit
+  rows) when it holds at least ``ANN_MIN`` rows; smaller parts are searched exactly.
 
-Search: cosine similarity, exact (one matrix-vector product) or approximate (faiss HNSW,
-``HNSW_M`` links, ``EF_SEARCH`` candidates; bench/perf_search.py measures recall@10 against
-exact search at 100,000 vectors).
+A full pass is built aside and renamed whole, and a part is renamed in before ``meta.json``
+(replaced atomically) counts it: an index that exists is complete, and a reader sees a part
+whole or not at all.
+
+Search: cosine similarity per part, exact (one matrix-vector product) or approximate (faiss
+HNSW, ``HNSW_M`` links, ``EF_SEARCH`` candidates; bench/perf_search.py measures recall@10
+against exact search at 100,000 vectors), the parts' best merged.
 """
 
 from __future__ import annotations
@@ -74,6 +79,18 @@ def complete_versions(index_dir: str | Path) -> list[str]:
     return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
+def prune_indexes(index_dir: str | Path, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` version indexes; returns the versions removed."""
+    versions = complete_versions(index_dir)
+    gone = versions[: max(0, len(versions) - keep)]
+    for version in gone:
+        folder = version_dir(index_dir, version)
+        doomed = folder.with_name(f".{version}.{os.getpid()}.gone")
+        folder.rename(doomed)  # unlisted at once; readers holding it keep their mmaps
+        shutil.rmtree(doomed, ignore_errors=True)
+    return gone
+
+
 def write_index(
     index_dir: str | Path,
     version: str,
@@ -83,34 +100,75 @@ def write_index(
     video: np.ndarray,
     seconds: float = 0.0,
 ) -> Path:
-    """Write one version's index (replacing an older one of that version) atomically."""
+    """Write one version's index with one part (a full pass), replacing an older index of
+    that version, atomically: the directory is built aside and renamed whole."""
     final = version_dir(index_dir, version)
     tmp = final.with_name(f".{version}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    audio, video = unit_rows(audio), unit_rows(video)
-    np.save(tmp / "audio.npy", audio)
-    np.save(tmp / "video.npy", video)
-    (tmp / "ids.json").write_text(json.dumps({"ids": ids, "tasks": tasks}))
-    ann = len(ids) >= ANN_MIN
-    if ann:
-        for name, vectors in (("audio", audio), ("video", video)):
-            _save_hnsw(build_hnsw(vectors), tmp / f"{name}.faiss")
+    _write_part(tmp / _part_name(0), ids, tasks, audio, video)
     meta = {
         "version": version,
         "count": len(ids),
-        "dim": int(audio.shape[1]) if len(ids) else 0,
+        "dim": int(np.asarray(audio).shape[1]) if len(ids) else 0,
         "made_at": time.time(),
+        "updated_at": time.time(),
+        "parts": 1,
         "seconds": round(seconds, 3),
-        "ann": ann,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    _write_json(tmp / "meta.json", meta)
     old = final.with_name(f".{version}.{os.getpid()}.old")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def append_part(
+    index_dir: str | Path,
+    version: str,
+    ids: list[str],
+    tasks: list[str],
+    audio: np.ndarray,
+    video: np.ndarray,
+) -> int:
+    """Add clips that landed after the index was made, as a new part of the version's index
+    (embedded by the same version); returns the part's number. The part is built aside and
+    renamed in, then ``meta.json`` is replaced: a reader sees it whole or not at all."""
+    folder = version_dir(index_dir, version)
+    meta = json.loads((folder / "meta.json").read_text())
+    number = int(meta["parts"])
+    tmp = folder / f".{_part_name(number)}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_part(tmp, ids, tasks, audio, video)
+    tmp.rename(folder / _part_name(number))
+    meta.update(parts=number + 1, count=int(meta["count"]) + len(ids), updated_at=time.time())
+    _write_json(folder / "meta.json", meta)
+    return number
+
+
+def _part_name(number: int) -> str:
+    return f"part-{number:05d}"
+
+
+def _write_part(
+    folder: Path, ids: list[str], tasks: list[str], audio: np.ndarray, video: np.ndarray
+) -> None:
+    folder.mkdir(parents=True)
+    audio, video = unit_rows(audio), unit_rows(video)
+    np.save(folder / "audio.npy", audio)
+    np.save(folder / "video.npy", video)
+    _write_json(folder / "ids.json", {"ids": ids, "tasks": tasks})
+    if len(ids) >= ANN_MIN:
+        for name, vectors in (("audio", audio), ("video", video)):
+            _save_hnsw(build_hnsw(vectors), folder / f"{name}.faiss")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
 
 
 def build_hnsw(vectors: np.ndarray) -> Any:
@@ -137,41 +195,93 @@ class Hit:
 
 
 @dataclass
-class VersionIndex:
-    """One version's index loaded for search."""
+class Part:
+    """One part of an index: rows written together (a full pass, or clips that landed since)."""
 
-    version: str
     ids: list[str]
     tasks: list[str]
     vectors: dict[str, np.ndarray]  # "audio" | "video" -> (count, dim) unit rows
     graphs: dict[str, Any] = field(default_factory=dict)  # HNSW per modality, when stored
-    made_at: float = 0.0
-    _rows: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, index_dir: str | Path, version: str) -> VersionIndex:
-        folder = version_dir(index_dir, version)
-        meta = json.loads((folder / "meta.json").read_text())
+    def load(cls, folder: Path) -> Part:
         listed = json.loads((folder / "ids.json").read_text())
         vectors = {m: np.load(folder / f"{m}.npy", mmap_mode="r") for m in ("audio", "video")}
         graphs = {}
-        if meta["ann"]:
-            import faiss
+        for m in ("audio", "video"):
+            if (folder / f"{m}.faiss").exists():
+                import faiss
 
-            for m in ("audio", "video"):
                 graphs[m] = faiss.read_index(str(folder / f"{m}.faiss"))
                 faiss.ParameterSpace().set_index_parameter(graphs[m], "efSearch", EF_SEARCH)
-        index = cls(version, listed["ids"], listed["tasks"], vectors, graphs, meta["made_at"])
-        index._rows = {cid: i for i, cid in enumerate(index.ids)}
+        return cls(listed["ids"], listed["tasks"], vectors, graphs)
+
+    def search(
+        self, q: np.ndarray, gallery: str, want: int, exact: bool
+    ) -> list[tuple[int, float]]:
+        """(row, cosine) of the ``want`` nearest rows, best first."""
+        want = min(want, len(self.ids))
+        if want == 0:
+            return []
+        if gallery in self.graphs and not exact:
+            scores, rows = self.graphs[gallery].search(q, want)
+            return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+        sims = np.asarray(self.vectors[gallery]) @ q[0]
+        top = np.argpartition(-sims, want - 1)[:want]
+        top = top[np.argsort(-sims[top])]
+        return [(int(r), float(sims[r])) for r in top]
+
+
+@dataclass
+class VersionIndex:
+    """One version's index loaded for search: its parts, searched together."""
+
+    version: str
+    parts: list[Part]
+    made_at: float = 0.0
+    updated_at: float = 0.0
+    _rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (part, row)
+
+    @classmethod
+    def load(cls, index_dir: str | Path, version: str) -> VersionIndex:
+        index = cls(version, [])
+        index.refresh(index_dir)
         return index
 
+    def refresh(self, index_dir: str | Path) -> bool:
+        """Load the parts appended since this was loaded; True if there were any."""
+        folder = version_dir(index_dir, self.version)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["made_at"] != self.made_at:  # rewritten by a full pass: start over
+            self.parts, self._rows = [], {}
+        self.made_at, self.updated_at = meta["made_at"], meta["updated_at"]
+        added = False
+        for number in range(len(self.parts), int(meta["parts"])):
+            part = Part.load(folder / _part_name(number))
+            self._rows.update((cid, (number, row)) for row, cid in enumerate(part.ids))
+            self.parts.append(part)
+            added = True
+        return added
+
+    @property
+    def ids(self) -> list[str]:
+        return [cid for part in self.parts for cid in part.ids]
+
+    @property
+    def graphs(self) -> set[str]:
+        """The modalities searched approximately (by HNSW) in some part."""
+        return {m for part in self.parts for m in part.graphs}
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return sum(len(part.ids) for part in self.parts)
 
     def vector(self, clip_id: str, modality: str) -> np.ndarray | None:
         """A clip's stored vector in this version's space, or None if it is not indexed."""
-        row = self._rows.get(clip_id)
-        return None if row is None else np.asarray(self.vectors[modality][row])
+        where = self._rows.get(clip_id)
+        if where is None:
+            return None
+        part, row = where
+        return np.asarray(self.parts[part].vectors[modality][row])
 
     def search(
         self,
@@ -181,18 +291,14 @@ class VersionIndex:
         exact: bool = False,
         exclude: str | None = None,
     ) -> list[Hit]:
-        """The ``k`` clips whose ``gallery`` vectors are nearest ``query`` by cosine."""
+        """The ``k`` clips whose ``gallery`` vectors are nearest ``query`` by cosine, over
+        every part (each part's best, merged)."""
         q = unit_rows(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        want = min(len(self.ids), k + (exclude is not None))
-        if want == 0:
-            return []
-        if gallery in self.graphs and not exact:
-            scores, rows = self.graphs[gallery].search(q, want)
-            pairs = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
-        else:
-            sims = np.asarray(self.vectors[gallery]) @ q[0]
-            top = np.argpartition(-sims, want - 1)[:want]
-            top = top[np.argsort(-sims[top])]
-            pairs = [(int(r), float(sims[r])) for r in top]
-        hits = [Hit(self.ids[r], self.tasks[r], s) for r, s in pairs if self.ids[r] != exclude]
-        return hits[:k]
+        want = k + (exclude is not None)
+        found = [
+            Hit(part.ids[row], part.tasks[row], score)
+            for part in self.parts
+            for row, score in part.search(q, gallery, want, exact)
+        ]
+        found.sort(key=lambda h: h.score, reverse=True)
+        return [h for h in found if h.clip_id != exclude][:k]

@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     reembed.add_argument("--version", default=None, help='"G.N" (default: newest published)')
     reembed.add_argument("--task", default=None, help="only the clips of this task")
     reembed.add_argument("--batch", type=int, default=32)
+    reembed.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep running: append clips that land, re-index a newer version now and then",
+    )
+    reembed.add_argument("--interval", type=float, default=10.0, help="--follow: s between looks")
+    reembed.add_argument(
+        "--refresh", type=float, default=3600.0, help="--follow: s before a newer version's pass"
+    )
+    reembed.add_argument("--keep", type=int, default=2, help="--follow: version indexes kept")
     reembed.set_defaults(run=_reembed)
 
     search = sub.add_parser("search", help="nearest kept clips (GET or POST /search)")
@@ -217,6 +227,8 @@ def _reembed(args) -> int:
     from worker.settings import WorkerSettings
 
     worker, api = WorkerSettings(), ApiSettings()
+    if args.follow:
+        return _follow(args, worker.models_dir, worker.inputs_dir, api.index_dir)
     total = sum(1 for _ in InputStore(Path(worker.inputs_dir))._files())
     bar, done = Progress("reembed", total), 0
 
@@ -239,6 +251,21 @@ def _reembed(args) -> int:
         f"version {result.version}: {result.count} clips indexed in {result.seconds:.1f} s "
         f"-> {result.path}"
     )
+    return 0
+
+
+def _follow(args, models_dir: str, inputs_dir: str, index_dir: str) -> int:
+    """flava reembed --follow until SIGTERM / SIGINT."""
+    import signal
+    import threading
+
+    from worker.reembed import FollowConfig, Follower
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    cfg = FollowConfig(args.interval, args.refresh, args.keep, args.batch)
+    Follower(models_dir, inputs_dir, index_dir, cfg).run(stop)
     return 0
 
 

@@ -47,22 +47,22 @@ class IndexCache:
                 reason = f"no complete index of version {version}; indexed: {listed}"
                 raise HTTPException(404, {"code": "index_unknown", "reason": reason})
         loaded = self._loaded.get(version)
-        if loaded is None or loaded.made_at < _made_at(self.index_dir, version):
+        if loaded is None:
             loaded = await anyio.to_thread.run_sync(
                 vindex.VersionIndex.load, self.index_dir, version
             )
             self._loaded[version] = loaded
+        else:  # parts appended since (flava reembed --follow), or a new full pass
+            try:
+                await anyio.to_thread.run_sync(loaded.refresh, self.index_dir)
+            except FileNotFoundError:  # removed (pruned) since it was listed
+                del self._loaded[version]
+                reason = f"the index of version {version} was just removed; search again"
+                raise HTTPException(404, {"code": "index_unknown", "reason": reason}) from None
         self._loaded.move_to_end(version)
         while len(self._loaded) > LOADED_MAX:
             self._loaded.popitem(last=False)
         return loaded
-
-
-def _made_at(index_dir: str, version: str) -> float:
-    import json
-
-    meta = vindex.version_dir(index_dir, version) / "meta.json"
-    return float(json.loads(meta.read_text())["made_at"])
 
 
 def by_clip(index: vindex.VersionIndex, clip_id: str, direction: str) -> np.ndarray:

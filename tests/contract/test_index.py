@@ -25,11 +25,11 @@ def test_an_index_round_trips_with_unit_rows_and_is_listed_by_version(tmp_path):
     assert vindex.complete_versions(tmp_path) == ["1.3", "1.20", "2.1"]  # by (G, N)
     index = vindex.VersionIndex.load(tmp_path, "1.20")
     assert len(index) == 50 and index.ids == ids and not index.graphs
-    assert np.allclose(np.linalg.norm(index.vectors["audio"], axis=1), 1.0)
+    assert np.allclose(np.linalg.norm(index.parts[0].vectors["audio"], axis=1), 1.0)
     assert np.allclose(index.vector(ids[7], "video"), video[7])
     assert index.vector("f" * 64, "audio") is None
     meta = json.loads((tmp_path / "1.20" / "meta.json").read_text())
-    assert meta["count"] == 50 and meta["dim"] == 16 and meta["ann"] is False
+    assert meta["count"] == 50 and meta["dim"] == 16 and meta["parts"] == 1
 
 
 def test_exact_search_ranks_by_cosine_and_leaves_out_the_query(tmp_path):
@@ -62,3 +62,25 @@ def test_rewriting_a_version_replaces_it_whole(tmp_path):
     ids, _, _ = _write(tmp_path, "3.4", 5, seed=1)
     assert vindex.VersionIndex.load(tmp_path, "3.4").ids == ids
     assert [p.name for p in tmp_path.iterdir()] == ["3.4"]  # no temporary left
+
+
+def test_clips_that_land_later_are_appended_as_parts_and_searched_with_the_rest(tmp_path):
+    ids, audio, video = _write(tmp_path, "1.1", 100)
+    loaded = vindex.VersionIndex.load(tmp_path, "1.1")
+    rng = np.random.default_rng(7)
+    late_ids = [f"{i:064x}" for i in range(100, 110)]
+    late_a, late_v = rng.standard_normal((10, 16)), rng.standard_normal((10, 16))
+    assert vindex.append_part(tmp_path, "1.1", late_ids, ["late"] * 10, late_a, late_v) == 1
+    assert len(loaded) == 100 and loaded.refresh(tmp_path) and len(loaded) == 110
+    assert not loaded.refresh(tmp_path)  # nothing new
+    assert np.allclose(loaded.vector(late_ids[3], "audio"), vindex.unit_rows(late_a)[3])
+    # merged over parts: the same answer as one part holding every row
+    every_v = np.vstack([video, vindex.unit_rows(late_v)])
+    every_ids = ids + late_ids
+    expected = [every_ids[i] for i in np.argsort(-(every_v @ audio[5]))[:8]]
+    assert [h.clip_id for h in loaded.search(audio[5], "video", 8)] == expected
+    meta = json.loads((tmp_path / "1.1" / "meta.json").read_text())
+    assert (meta["parts"], meta["count"]) == (2, 110)
+    rewritten_ids, _, _ = _write(tmp_path, "1.1", 5, seed=3)  # a full pass starts over
+    loaded.refresh(tmp_path)
+    assert loaded.ids == rewritten_ids

@@ -174,3 +174,42 @@ def test_flava_reembed_command_indexes_the_kept_clips(learned, monkeypatch, tmp_
     assert sorted(vindex.VersionIndex.load(tmp_path / "cli-index", version).ids) == sorted(ids)
     assert main(["reembed", "--task", "other"]) == 0  # no clip of that task: an empty index
     assert len(vindex.VersionIndex.load(tmp_path / "cli-index", version)) == 0
+
+
+def test_follow_appends_clips_that_land_and_moves_to_a_newer_version(
+    learned, api, redis_url, prefix, worker_settings, tmp_path
+):
+    from worker.reembed import FollowConfig, Follower
+
+    settings, ids = learned
+    index_dir = tmp_path / "index"  # the api fixture's
+    follower = Follower(
+        settings.models_dir, settings.inputs_dir, index_dir, FollowConfig(refresh_s=3600, keep=1)
+    )
+    assert follower.step() == CLIPS  # the full pass
+    first = follower.loaded.card.version
+    assert follower.step() == 0  # nothing new
+
+    client = redis.Redis.from_url(redis_url)
+    late = [enqueue(client, wire.Keys(prefix), c, task="late") for c in stream_clips(2, seed=9)]
+    worker = Worker(worker_settings(publish_every=1), client)  # restores, publishes anew
+    worker.start()
+    while worker.iterate() is not None:
+        pass
+    assert worker.settle()
+    worker.models.flush()
+    client.close()
+    assert _newest(settings) != first
+
+    assert follower.step() == 2  # appended with the index's own version, not the newer one
+    index = vindex.VersionIndex.load(index_dir, first)
+    assert len(index.parts) == 2 and sorted(index.parts[1].ids) == sorted(late)
+    r = api.get("/search", params={"clip_id": late[0], "k": 20})
+    assert r.status_code == 200 and r.json()["version"] == first
+    assert r.json()["indexed"] == CLIPS + 2
+
+    follower.cfg.refresh_s = 0.0  # due: a full pass with the newest version, the old one goes
+    assert follower.step() == CLIPS + 2
+    assert vindex.complete_versions(index_dir) == [_newest(settings)]
+    r = api.get("/search", params={"clip_id": ids[1]})
+    assert r.status_code == 200 and r.json()["version"] == _newest(settings)
