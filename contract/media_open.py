@@ -27,7 +27,9 @@ import contextlib
 import io
 import logging
 import os
+import traceback
 from collections.abc import Iterator
+from typing import TypeVar
 
 import av
 import av.logging
@@ -44,6 +46,7 @@ _NOT_ON_WHITELIST = "Format not on whitelist"
 _HLS_NOT_PROBED = "Not detecting m3u8/hls"  # an HLS playlist read from a file object
 # FFmpeg's av_image_check_size2: "Picture size WxH exceeds specified max pixel count N"
 _PICTURE_SIZE = "Picture size "
+_S = TypeVar("_S", bound=av.stream.Stream)
 
 
 def _allowed_formats() -> str:
@@ -92,6 +95,21 @@ class RefusedFormat(ValueError):
         self.demuxer = demuxer
 
 
+class NoDecoder(ValueError):
+    """FFmpeg has no decoder for the codec of the stream a clip would be read from."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"no decoder for the codec of the {kind} stream")
+
+
+class StreamAppeared(ValueError):
+    """A stream the header did not declare appeared while demuxing (FLV, MPEG-PS can add
+    one); PyAV cannot index its packets (an IndexError inside its stream container)."""
+
+    def __init__(self) -> None:
+        super().__init__("a stream appeared after the header while demuxing (not supported)")
+
+
 class FrameTooLarge(ValueError):
     """A decoded frame (or one the decoder refused to allocate) is over the pixel limit."""
 
@@ -137,7 +155,12 @@ def open_media(
         for stream in container.streams.video:
             if stream.codec_context is not None:
                 stream.codec_context.options = {**stream.codec_context.options, **pixels}
-        yield container
+        try:
+            yield container
+        except IndexError as exc:
+            if not _in_pyav_streams(exc):
+                raise
+            raise StreamAppeared() from exc
 
 
 def _refused_demuxer(logs: list[tuple[int, str, str]]) -> str | None:
@@ -151,10 +174,24 @@ def _refused_demuxer(logs: list[tuple[int, str, str]]) -> str | None:
     return None
 
 
+def _in_pyav_streams(exc: IndexError) -> bool:
+    """Whether ``exc`` was raised by PyAV's stream container (not by the caller's code)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.endswith(os.path.join("container", "streams.py"))
+
+
 def video_streams(container: av.container.InputContainer) -> list[av.VideoStream]:
     """The real video streams: an attached picture (cover art of an audio file) is not video."""
     cover = av.stream.Disposition.attached_pic
     return [s for s in container.streams.video if not s.disposition & cover]
+
+
+def decodable(stream: _S) -> _S:
+    """``stream``, if FFmpeg has a decoder for its codec; else :class:`NoDecoder` (a mangled or
+    unknown codec id leaves the stream without a codec context)."""
+    if stream.codec_context is None:
+        raise NoDecoder(stream.type)
+    return stream
 
 
 def check_frame(frame: av.VideoFrame, max_pixels: int) -> None:

@@ -23,6 +23,7 @@ import av
 from contract.media_open import (
     FrameTooLarge,
     RefusedFormat,
+    decodable,
     open_media,
     refused_frame_size,
     video_streams,
@@ -94,7 +95,7 @@ def _inspect(container, limits: ProbeLimits) -> ProbeResult:
         raise ProbeError("no_video", f"the file has no video stream{cover}")
     if not streams.audio:
         raise ProbeError("no_audio", "the file has no audio stream")
-    video, audio = videos[0], streams.audio[0]
+    video, audio = decodable(videos[0]), decodable(streams.audio[0])  # else 415 undecodable
     _check_size(video.codec_context.width, video.codec_context.height, limits)
     duration = _duration(container, video, audio)
     _check_duration(duration, limits)

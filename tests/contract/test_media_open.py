@@ -142,3 +142,25 @@ def test_audio_with_cover_art_is_not_video():
         probe_clip(data, ProbeLimits())
     assert (refused.value.code, refused.value.status) == ("no_video", 422)
     assert "attached picture" in str(refused.value)
+
+
+# inputs bench/fuzz_media.py found raising something other than the documented refusals
+FLV_STREAM_APPEARS = Path(__file__).parents[1] / "media" / "fuzz_flv_stream_appears.flv"
+
+
+def test_a_stream_without_a_decoder_is_undecodable():
+    """An unknown codec tag: the stream has no codec context (was AttributeError in both)."""
+    data = encode_clip(ClipSpec(seconds=1.0)).replace(b"avc1", b"zzzz")
+    with pytest.raises(ProbeError) as refused:
+        probe_clip(data, ProbeLimits())
+    assert (refused.value.code, refused.value.status) == ("undecodable", 415)
+    assert "no decoder" in str(refused.value)
+    with pytest.raises(UndecodableMedia, match="no decoder for the codec of the video stream"):
+        decode_clip(data, CFG)
+
+
+def test_a_stream_appearing_while_demuxing_is_undecodable():
+    """A mutated FLV whose header declares two streams and whose packets bring a third: PyAV
+    raised IndexError from its stream container while the worker decoded it."""
+    with pytest.raises(UndecodableMedia, match="a stream appeared after the header"):
+        decode_clip(FLV_STREAM_APPEARS.read_bytes(), CFG)

@@ -299,6 +299,9 @@ CORPUS = [
         "undecodable",
     ),
     ("ffmetadata text (no streams)", lambda g: b";FFMETADATA1\ntitle=x\n", MP4, 422, "no_video"),
+    # an unknown codec tag leaves the video stream without a decoder (found by
+    # bench/fuzz_media.py: answered 500, the probe read the size of a missing codec context)
+    ("video codec with no decoder", lambda g: g.replace(b"avc1", b"zzzz"), MP4, 415, "undecodable"),
 ]
 
 

@@ -50,6 +50,7 @@ from contract.media_open import (
     FrameTooLarge,
     RefusedFormat,
     check_frame,
+    decodable,
     open_media,
     refused_frame_size,
     video_streams,
@@ -179,7 +180,7 @@ def _audio_stream(container: av.container.InputContainer) -> av.AudioStream:
     """The first audio stream."""
     if not container.streams.audio:
         raise NoAudioStream(f"no audio stream in the {container.format.name} media")
-    return container.streams.audio[0]
+    return decodable(container.streams.audio[0])
 
 
 def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
@@ -187,7 +188,7 @@ def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
     videos = video_streams(container)
     if not videos:
         raise NoVideoStream(f"no video stream in the {container.format.name} media")
-    return videos[0]
+    return decodable(videos[0])
 
 
 def _duration_s(container: av.container.InputContainer) -> float | None:
