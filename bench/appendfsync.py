@@ -24,9 +24,9 @@ from pathlib import Path
 import redis
 
 from bench.perf import make_decode_clip
-from bench.perf_service import _api_round, _wait_http, padded
+from bench.perf_service import _api_round, padded
 from bench.perfkit import Stats
-from flava.procs import RedisProcess, free_port, spawn, terminate
+from flava.procs import RedisProcess, free_port, spawn, terminate, wait_until_ready
 
 log = logging.getLogger(__name__)
 SETTINGS = ("everysec", "always")
@@ -65,7 +65,7 @@ class Stack:
         }
         args = ["--log-level", "warning", "serve", "--port", str(self.port)]
         self.api = spawn(args, env, self.workdir / "api.log")
-        _wait_http(f"{self.url}/healthz", 60, self.workdir / "api.log")
+        wait_until_ready(f"{self.url}/healthz", 60, [self.api], self.workdir / "api.log")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -49,7 +49,7 @@ from bench.perfkit import (
     rss_bytes,
     write_json,
 )
-from flava.cli import idle_openmp_threads_sleep
+from flava.procs import idle_openmp_threads_sleep
 
 log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"

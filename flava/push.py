@@ -89,12 +89,6 @@ class ApiClient:
         bar.close()
         return done
 
-    def ready(self) -> bool:
-        try:
-            return self.http.get("/readyz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
 
 def push_files(url: str, token: str | None, files: list[Path], task: str | None) -> int:
     client, bar = ApiClient(url, token), Progress("ingest", len(files))

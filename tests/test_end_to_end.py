@@ -11,6 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from contract import wire
+from flava.procs import wait_until_ready
 from service.app import create_app
 from service.settings import ApiSettings
 from worker.core.synthetic import StreamConfig, drifting_stream
@@ -47,10 +48,7 @@ def wait_ready(api, ids: list[str], timeout: float = 120.0) -> dict[str, dict]:
 def test_clips_in_embeddings_out_versions_advance(stack):
     api, worker = stack
     clips = list(drifting_stream(StreamConfig(num_segments=2), 6, seed=3))
-    deadline = time.monotonic() + 30
-    while api.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until_ready("/readyz", 30, client=api, interval_s=0.1)
     first = [_post(api, data, spec.segment) for spec, data in clips[:6]]
     early = wait_ready(api, first)
     later = [_post(api, data, spec.segment) for spec, data in clips[6:]]

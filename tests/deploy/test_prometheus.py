@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from flava.procs import free_port, spawn, terminate
+from flava.procs import free_port, spawn, terminate, wait_until_ready
 from flava.push import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,20 +110,6 @@ def test_every_metric_a_dashboard_queries_is_defined_by_a_process():
 # ---- live ----------------------------------------------------------------------------------
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer in {timeout_s} s")
-
-
 def spawn_prometheus(config: Path, storage: Path, port: int, log: Path) -> subprocess.Popen:
     args = [
         binary("prometheus"),
@@ -184,9 +170,10 @@ def stack(redis_url, prefix, tmp_path):
     ]
     api_url, prom_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prom_port}"
     try:
-        wait_http(f"{api_url}/healthz", procs[0])
-        wait_http(f"http://127.0.0.1:{worker_port}/metrics", procs[1])
-        wait_http(f"{prom_url}/-/ready", procs[2])
+        wait_until_ready(f"{api_url}/healthz", 120, procs[:1], tmp_path / "api.log")
+        metrics_url = f"http://127.0.0.1:{worker_port}/metrics"
+        wait_until_ready(metrics_url, 120, procs[1:2], tmp_path / "worker.log")
+        wait_until_ready(f"{prom_url}/-/ready", 120, procs[2:], tmp_path / "prometheus.log")
         wait_scraped(prom_url)
         yield api_url, prom_url
     finally:

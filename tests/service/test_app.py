@@ -11,6 +11,7 @@ import sys
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from contract import wire
 from service.app import create_app
@@ -28,7 +29,9 @@ def clip() -> bytes:
 
 @pytest.fixture
 def settings(redis_url, prefix) -> ApiSettings:
-    return ApiSettings(redis_url=redis_url, key_prefix=prefix, max_body_bytes=200_000, max_upload_bytes=200_000)
+    return ApiSettings(
+        redis_url=redis_url, key_prefix=prefix, max_body_bytes=200_000, max_upload_bytes=200_000
+    )
 
 
 @pytest.fixture
@@ -181,11 +184,28 @@ def test_redis_down_answers_503(clip):
     assert r.status_code == 503 and "Retry-After" in r.headers
 
 
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics answer (0 when the series does not exist yet)."""
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
+
+
 def test_metrics_count_outcomes(api, clip):
-    api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"})
-    text = api.get("/metrics").text
-    assert 'flava_ingest_requests_total{outcome="queued"}' in text
-    assert "flava_backlog_clips" in text
+    def count(outcome: str) -> float:
+        return sample(api.get("/metrics").text, "flava_ingest_requests_total", outcome=outcome)
+
+    def post() -> int:
+        return api.post("/ingest", content=clip, headers={"Content-Type": "video/mp4"}).status_code
+
+    queued, duplicate = count("queued"), count("duplicate")
+    assert post() == 202
+    assert (count("queued"), count("duplicate")) == (queued + 1, duplicate)
+    assert post() == 200  # the same bytes again: a duplicate, not queued twice
+    assert (count("queued"), count("duplicate")) == (queued + 1, duplicate + 1)
+    assert sample(api.get("/metrics").text, "flava_backlog_clips") == 1  # this test's prefix
 
 
 def test_service_does_not_import_torch():

@@ -8,6 +8,7 @@ real Redis.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 
 import pytest
@@ -22,15 +23,25 @@ from service.settings import ApiSettings
 
 
 @pytest.fixture(scope="module")
-def schema(redis_url):
-    # a fresh worker heartbeat, so /readyz's intended 503 (no worker) is not what we test
+def schema_prefix(redis_url):
+    """This module's own key prefix on the shared Redis; its keys are deleted afterwards."""
+    name = f"test-schema-{uuid.uuid4().hex[:10]}"
     client = redis.Redis.from_url(redis_url)
-    client.zadd(wire.Keys("schemathesis-test").workers, {"w": time.time() + 3600})
+    # a fresh worker heartbeat, so /readyz's intended 503 (no worker) is not what we test
+    client.zadd(wire.Keys(name).workers, {"w": time.time() + 3600})
+    yield name
+    keys = list(client.scan_iter(f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="module")
+def schema(redis_url, schema_prefix):
     app = create_app(
         ApiSettings(
             redis_url=redis_url,
-            key_prefix="schemathesis-test",
+            key_prefix=schema_prefix,
             api_token="tok",
             max_body_bytes=100_000,
             max_upload_bytes=100_000,
