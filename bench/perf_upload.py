@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    # SIGTERM unwinds like ^C, so the stack's processes are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     cfg = UploadBenchConfig(minutes=tuple(args.minutes), preset=args.preset, out=args.out)
