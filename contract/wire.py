@@ -35,6 +35,11 @@ Layout (prefix ``flava`` by default):
                            ``embedders``; an entry is acked and deleted once answered
 - ``{p}:reply:{request}``  list: the one :class:`QueryReply` to a query, with a TTL (BLPOP)
 - ``{p}:embedders``        sorted set: embedder name -> last heartbeat (unix seconds)
+- ``{p}:control``          hash: what an operator asked of the learner (POST /model/pause,
+                           /resume, /rollback): ``paused`` ("1" | "0"), ``paused_at``,
+                           ``rollback_id``/``rollback_version``/``rollback_requested_at``
+                           while a rollback waits, ``rollback_result`` (JSON, the last one's
+                           outcome). The worker reads it every iteration (:class:`Control`)
 
 A clip is published (embedding written, state ``embedded``) right after the update that
 included it, and acked (state ``learned``) only once that update is in a durable checkpoint
@@ -117,6 +122,10 @@ class Keys:
     @property
     def embedders(self) -> str:
         return f"{self.prefix}:embedders"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}:control"
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
@@ -476,15 +485,16 @@ return acked
 )
 
 # KEYS: stream, dead, clip, backlog, blob, upload ("" key for a plain clip).
-# ARGV: group, entry_id, reason, deliveries, fields.
+# ARGV: group, entry_id, reason, deliveries, dead blob ttl_s, fields.
 # The dead letter is written before the ack; returns 1 if this call acked (2: and it was its
 # upload's last window). The clip's state is written only if it still has one (DELETE
-# removed it: no ghost ``dead`` hash).
+# removed it: no ghost ``dead`` hash). A plain clip's bytes are kept ``dead blob ttl_s``
+# more (at most; 0: deleted now) so POST /dead/{id}/retry can re-queue it (RETRY_SCRIPT).
 DEAD_LETTER_SCRIPT = (
     _SETTLE_WINDOW
     + """
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3],
            'deliveries', ARGV[4], unpack(fields))
 if redis.call('EXISTS', KEYS[3]) == 1 then  -- a deleted clip stays deleted
@@ -496,7 +506,13 @@ if acked == 1 then
   local left = redis.call('DECRBY', KEYS[4] .. ':bytes', redis.call('HGET', KEYS[3], 'size') or 0)
   if left < 0 then redis.call('SET', KEYS[4] .. ':bytes', 0) end
   redis.call('XDEL', KEYS[1], ARGV[2])
-  redis.call('DEL', KEYS[5])
+  local keep = tonumber(ARGV[5])
+  local ttl = redis.call('TTL', KEYS[5])
+  if keep <= 0 then
+    redis.call('DEL', KEYS[5])
+  elseif ttl == -1 or ttl > keep then
+    redis.call('EXPIRE', KEYS[5], keep)
+  end
   return settle_window(KEYS[6], 'windows_dead', 'dead')
 end
 return acked
@@ -652,3 +668,110 @@ class QueryReply:
     @classmethod
     def decode(cls, text: str | bytes) -> QueryReply:
         return cls(**json.loads(text))
+
+
+# ---- operator control: pause, resume, rollback ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Control:
+    """``{p}:control`` as the worker reads it each iteration (one HGETALL)."""
+
+    paused: bool = False
+    rollback_id: str = ""  # a rollback waiting for the worker ("" if none)
+    rollback_version: str = ""  # "G.N" of the durable checkpoint to go back to
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> Control:
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        return cls(f.get("paused") == "1", f.get("rollback_id", ""), f.get("rollback_version", ""))
+
+
+# KEYS: control. ARGV: request id, version "G.N", requested at (unix s).
+# Returns {"requested", id} or {"busy", the waiting request's id}: one rollback at a time.
+REQUEST_ROLLBACK_SCRIPT = """
+local waiting = redis.call('HGET', KEYS[1], 'rollback_id')
+if waiting then return {'busy', waiting} end
+redis.call('HSET', KEYS[1], 'rollback_id', ARGV[1], 'rollback_version', ARGV[2],
+           'rollback_requested_at', ARGV[3])
+return {'requested', ARGV[1]}
+"""
+
+# KEYS: control. ARGV: request id, result (JSON). The request leaves the hash only if it is
+# still the one answered; the result is written either way.
+FINISH_ROLLBACK_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'rollback_id') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'rollback_id', 'rollback_version', 'rollback_requested_at')
+end
+redis.call('HSET', KEYS[1], 'rollback_result', ARGV[2])
+return 1
+"""
+
+
+# ---- dead letters: retry ----------------------------------------------------------------
+
+# KEYS: clip, blob, stream, backlog, upload ("" key for a plain clip).
+# ARGV: clip id, blob ttl_s (restored on the bytes), max_backlog, max_backlog_bytes.
+# Re-queues a dead clip as INGEST would, from the fields its hash kept, if its bytes are
+# still there: a plain clip's blob (kept DEAD_BLOB_TTL after its dead letter), a window's
+# upload not yet settled (the worker removes the upload's file only once every window has).
+# Returns {outcome, detail}: {"queued", entry_id} | {"unknown", ""} | {"not_dead", state} |
+# {"bytes_gone", why} | {"full", backlog} | {"full_bytes", backlog bytes}.
+RETRY_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'unknown', ''} end
+if state ~= 'dead' then return {'not_dead', state} end
+local window = KEYS[5] ~= ''
+if window then
+  local left = tonumber(redis.call('HGET', KEYS[5], 'windows_left') or '0')
+  if left <= 0 then return {'bytes_gone', 'upload_settled'} end
+elseif redis.call('EXISTS', KEYS[2]) == 0 then
+  return {'bytes_gone', 'blob_expired'}
+end
+local backlog = tonumber(redis.call('GET', KEYS[4]) or '0')
+if backlog >= tonumber(ARGV[3]) then return {'full', tostring(backlog)} end
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+local bytes = tonumber(redis.call('GET', KEYS[4] .. ':bytes') or '0')
+if not window and bytes + size > tonumber(ARGV[4]) then
+  return {'full_bytes', tostring(bytes)}
+end
+local fields = {'clip_id', ARGV[1]}
+for _, name in ipairs({'size', 'content_type', 'task', 'purpose', 'received_at', 'upload',
+                       'start_s'}) do
+  local value = redis.call('HGET', KEYS[1], name)
+  if value then
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+end
+local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+redis.call('HDEL', KEYS[1], 'reason', 'trained', 'deliveries')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'entry_id', id)
+redis.call('INCR', KEYS[4])
+if window then
+  redis.call('HINCRBY', KEYS[5], 'windows_dead', -1)
+  redis.call('HINCRBY', KEYS[5], 'windows_left', 1)
+else
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('INCRBY', KEYS[4] .. ':bytes', size)
+end
+return {'queued', id}
+"""
+
+
+def retry_call(keys: Keys, clip_id: str, limits: IngestLimits) -> tuple[list[str], list]:
+    """(KEYS, ARGV) of RETRY_SCRIPT for a plain clip or a window ``{upload}:{i}``."""
+    upload = clip_id.partition(":")[0] if WINDOW_ID_PATTERN.match(clip_id) else ""
+    script_keys = [
+        keys.clip(clip_id),
+        keys.blob(clip_id),
+        keys.stream,
+        keys.backlog,
+        keys.clip(upload) if upload else "",
+    ]
+    return script_keys, [clip_id, limits.blob_ttl_s, limits.max_backlog, limits.max_backlog_bytes]
+
+
+def dead_at(entry_id: str) -> float:
+    """When a dead letter was written (unix s): the ms part of its stream id."""
+    return int(_text(entry_id).partition("-")[0]) / 1000

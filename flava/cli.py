@@ -1,5 +1,5 @@
-"""The ``flava`` command: serve, worker, embedder, embed, models, reembed, search, demo, push,
-bench.
+"""The ``flava`` command: serve, worker, embedder, embed, models, status, dead, reembed,
+search, demo, push, bench.
 
 Each subcommand imports only what it needs, so ``flava serve`` never loads torch.
 """
@@ -58,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the published models (GET /models)")
     _client_arguments(models)
     models.set_defaults(run=_models)
+
+    status = sub.add_parser(
+        "status", help="the learner's state (GET /model, /monitor); pause, resume, roll back"
+    )
+    status.add_argument("action", nargs="?", choices=("pause", "resume", "rollback"))
+    status.add_argument("--version", default=None, help='rollback: the durable "G.N" to go to')
+    _client_arguments(status)
+    status.set_defaults(run=_status)
+
+    dead = sub.add_parser("dead", help="dead letters with reasons (GET /dead); --retry CLIP")
+    dead.add_argument("--limit", type=int, default=20)
+    dead.add_argument("--retry", nargs="+", default=[], metavar="CLIP_ID")
+    dead.add_argument("--json", action="store_true", help="the page as JSON")
+    _client_arguments(dead)
+    dead.set_defaults(run=_dead)
+
 
     reembed = sub.add_parser(
         "reembed",
@@ -207,6 +223,21 @@ def _models(args) -> int:
     from flava.query import print_models
 
     return print_models(args.url, args.token)
+
+
+def _status(args) -> int:
+    from flava.ops import status
+
+    if (args.action == "rollback") != (args.version is not None):
+        sys.stderr.write("flava status: --version goes with rollback, and only with it\n")
+        return 2
+    return status(args.url, args.token, args.action, args.version)
+
+
+def _dead(args) -> int:
+    from flava.ops import dead
+
+    return dead(args.url, args.token, args.limit, args.retry, args.json)
 
 
 def _reembed(args) -> int:

@@ -30,7 +30,7 @@ from contract import wire
 from contract.faults import unavailable
 from contract.index import input_path
 from contract.windows import window_starts
-from service import metrics, queries, schemas, search, uploads
+from service import manage, metrics, queries, schemas, search, uploads
 from service.probe import ProbeError, probe_clip
 from service.settings import ApiSettings
 
@@ -116,6 +116,8 @@ def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | Non
 
     app = FastAPI(title="flava-stream", version="0.1.0", lifespan=lifespan)
     app.state.api = ApiState(settings, client)
+    app.add_middleware(metrics.CountResponses)  # answers by status class, for the 5xx alert
+    metrics.BACKLOG_LIMIT.set(settings.max_backlog)
     app.add_exception_handler(RedisError, _redis_error)
     _add_routes(app)
     return app
@@ -153,6 +155,15 @@ def _add_routes(app: FastAPI) -> None:
     app.get("/healthz")(healthz)
     app.get("/readyz")(readyz)
     app.get("/metrics")(metrics_endpoint)
+    # management (docs/operations.md): what the learner does, and the operator's levers
+    app.get("/model")(model_state)
+    app.get("/monitor")(monitor_summary)
+    app.get("/dead")(dead_letters)
+    app.post("/dead/{clip_id}/retry", status_code=202)(retry_dead)
+    app.post("/model/pause", status_code=202)(pause_model)
+    app.post("/model/resume", status_code=202)(resume_model)
+    app.post("/model/rollback", status_code=202)(rollback_model)
+
 
 
 async def ingest(
@@ -569,3 +580,57 @@ async def search_by_upload(
         return queries.answer(reply)
     answer = await search.run(index, search.query_vector(reply, direction), direction, k, exact)
     return await search.drop_deleted(state.redis, state.keys, answer)
+
+
+# ---- management ----------------------------------------------------------------------------
+
+
+async def model_state(state: State, _: Authorized) -> dict:
+    """The learner: version, generation, step, method, FLAVA's selection gate, durability,
+    the durable versions a rollback can go to, and whether it is paused (asked and done)."""
+    return await manage.model_state(state)
+
+
+async def monitor_summary(state: State, _: Authorized) -> dict:
+    """The worker's drift and forgetting summary, as it last published it."""
+    return await manage.monitor_summary(state)
+
+
+async def dead_letters(
+    state: State,
+    _: Authorized,
+    before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=manage.PAGE_MAX)] = 50,
+) -> dict:
+    """Dead letters, newest first, with their reasons, the clip's state now and whether
+    POST /dead/{clip_id}/retry can re-queue it; `before` is the previous page's `next`."""
+    return await manage.dead_letters(state, before, limit)
+
+
+async def retry_dead(
+    state: State,
+    _: Authorized,
+    clip_id: Annotated[str, Path(pattern=ANY_CLIP_ID)],
+) -> dict:
+    """Re-queue a dead clip whose bytes are still there (202), else 409 with the reason."""
+    return await manage.retry_dead(state, clip_id)
+
+
+async def pause_model(state: State, _: Authorized) -> dict:
+    """The learner stops taking batches (clips still queue; acks and heartbeats go on)."""
+    return await manage.set_paused(state, True)
+
+
+async def resume_model(state: State, _: Authorized) -> dict:
+    """The learner takes batches again."""
+    return await manage.set_paused(state, False)
+
+
+async def rollback_model(
+    state: State,
+    _: Authorized,
+    version: Annotated[str, Query(pattern=wire.VERSION_PATTERN.pattern)],
+) -> dict:
+    """Go back to a durable checkpoint (`GET /model`: durable_versions); the learner goes on
+    from it under a new generation, so no version name is reused (docs/versions.md)."""
+    return await manage.request_rollback(state, version)

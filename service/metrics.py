@@ -30,3 +30,41 @@ QUERY_SECONDS = Histogram(
     "POST /embed: from queuing the request to the embedder's reply (not decoding the upload)",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+
+# ---- for the alert rules (deploy/alerts.yml) ------------------------------------------------
+BACKLOG_LIMIT = Gauge(
+    "flava_backlog_limit_clips",
+    "FLAVA_MAX_BACKLOG: past this many unacked clips /ingest answers 429",
+    multiprocess_mode="livemax",
+)
+HTTP_RESPONSES = Counter(
+    "flava_http_responses_total",
+    "Answers of every route by status class (2xx .. 5xx; an unhandled error counts as 5xx)",
+    ["status_class"],
+)
+
+
+class CountResponses:
+    """ASGI middleware: count each HTTP answer by status class (FlavaApiErrors alerts on 5xx).
+
+    Outermost but inside Starlette's error handler, so an exception that escapes a route is
+    counted here as the 500 it becomes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            HTTP_RESPONSES.labels(f"{status['code'] // 100}xx").inc()

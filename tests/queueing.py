@@ -41,7 +41,7 @@ def dead_letter(client, keys: wire.Keys, clip_id: str, entry_id: str, reason: st
     script = client.register_script(wire.DEAD_LETTER_SCRIPT)
     return script(
         keys=[keys.stream, keys.dead, keys.clip(clip_id), keys.backlog, keys.blob(clip_id)],
-        args=[wire.GROUP, entry_id, reason, 1, "clip_id", clip_id],
+        args=[wire.GROUP, entry_id, reason, 1, 0, "clip_id", clip_id],
     )
 
 

@@ -55,11 +55,19 @@ class Delivery:
 class ClipQueue:
     """Consumer ``consumer`` of the learners group on the clip stream."""
 
-    def __init__(self, client: redis.Redis, keys: wire.Keys, consumer: str, min_idle_ms: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: wire.Keys,
+        consumer: str,
+        min_idle_ms: int,
+        dead_blob_ttl_s: int = 0,
+    ):
         self.redis = client
         self.keys = keys
         self.consumer = consumer
         self.min_idle_ms = min_idle_ms  # a consumer silent this long is gone
+        self.dead_blob_ttl_s = dead_blob_ttl_s  # a dead clip's bytes kept for a retry
         self._publish = client.register_script(wire.PUBLISH_SCRIPT)
         self._ack = client.register_script(wire.ACK_SCRIPT)
         self._dead = client.register_script(wire.DEAD_LETTER_SCRIPT)
@@ -274,6 +282,7 @@ class ClipQueue:
                 delivery.entry_id,
                 reason[:500],
                 delivery.deliveries,
+                self.dead_blob_ttl_s,
                 *wire.flatten(delivery.entry.to_fields()),
             ],
         )
@@ -303,6 +312,16 @@ class ClipQueue:
         pipe.xlen(self.keys.dead)
         backlog, pending, dead = pipe.execute()
         return int(backlog or 0), int(pending["pending"]), int(dead)
+
+    # ---- operator control ---------------------------------------------------------------
+    def read_control(self) -> wire.Control:
+        """What an operator asked (pause, a rollback), read every iteration."""
+        return wire.Control.from_fields(cast(dict, self.redis.hgetall(self.keys.control)))
+
+    def finish_rollback(self, request_id: str, result: str) -> None:
+        """Answer a rollback request: ``result`` (JSON) stays as the last one's outcome."""
+        script = self.redis.register_script(wire.FINISH_ROLLBACK_SCRIPT)
+        script(keys=[self.keys.control], args=[request_id, result])
 
 
 def _text(value) -> str:

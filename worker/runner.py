@@ -24,6 +24,7 @@ backoff; ``NOGROUP`` (Redis lost its data) recreates the group and goes on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -39,7 +40,17 @@ from contract import wire
 from contract.faults import lost_group
 from worker import telemetry, uploads
 from worker.builtin import resolve_init_weights
-from worker.checkpoint import FORMAT, load_newest, next_generation, remove_stale_temps
+from worker.checkpoint import (
+    FORMAT,
+    GENESIS,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest,
+    next_generation,
+    remove_stale_temps,
+    version_of,
+)
 from worker.checkpointing import Checkpointer, CheckpointPolicy
 from worker.core.learner import Batch, Learner, LearnerConfig, StepStats, build_learner
 from worker.core.media import Clip
@@ -112,7 +123,11 @@ class Worker:
     ):
         self.settings = settings
         self.queue = ClipQueue(
-            client, wire.Keys(settings.key_prefix), settings.consumer, settings.claim_min_idle_ms
+            client,
+            wire.Keys(settings.key_prefix),
+            settings.consumer,
+            settings.claim_min_idle_ms,
+            settings.dead_blob_ttl_s,
         )
         self.lease = Lease(client, self.queue.keys.lease, settings.consumer, settings.lease_ttl_s)
         self.model_cfg = preset(settings.preset)
@@ -146,6 +161,7 @@ class Worker:
         self._stop: threading.Event | None = None
         self._last_heartbeat = 0.0
         self._selection_on = False  # FLAVA: importance selection drove the last step
+        self.control = wire.Control()  # what an operator asked ({p}:control), read each iteration
         self.monitor = self._new_monitor()
         self.models = ModelPublisher.from_settings(settings, self.queue.redis)  # worker/models.py
 
@@ -211,6 +227,8 @@ class Worker:
 
     def iterate(self) -> BatchReport | None:
         try:
+            if self._obey_control():  # paused: no batch taken, acks and heartbeats go on
+                return None
             fetched, self._ahead = self._ahead or self._fetch(self.settings.block_ms), None
             report = self.process(fetched) if fetched.deliveries else None
             if report is None:
@@ -243,7 +261,8 @@ class Worker:
         """Fetch the next batch (no blocking) so it decodes while this one is learned."""
         stop_near = self._stop is not None and self._stop.is_set()
         last_step = 0 < self.settings.max_steps <= self.counters.step + 1
-        if self.queue.rereading or stop_near or last_step:
+        asked = self.control.paused or bool(self.control.rollback_id)  # the batch in hand first
+        if self.queue.rereading or stop_near or last_step or asked:
             return
         fetched = self._fetch(None)
         self._ahead = fetched if fetched.deliveries else None
@@ -425,6 +444,12 @@ class Worker:
             "unacked": self.checkpoints.waiting,
             "checkpoint_error": self.checkpoints.error,
             **self._selection_info(),
+            "paused": int(self.control.paused),
+            # the durable snapshots POST /model/rollback can go back to, oldest first
+            "checkpoints": ",".join(
+                f"{g}.{n}"
+                for g, n in map(version_of, list_checkpoints(self.settings.checkpoint_dir))
+            ),
         }
 
     def _selection_info(self) -> dict[str, int | float]:
@@ -516,6 +541,98 @@ class Worker:
         self._ahead = None
         self.checkpoints.forget_tail()
         self.queue.recover_group()
+
+    # ---- operator control: pause, resume, rollback ({p}:control) ------------------------
+    def _obey_control(self) -> bool:
+        """Read ``{p}:control``; act on a rollback once no batch is in hand. True while
+        paused: the loop then only checkpoints what it holds (acks), heartbeats and waits."""
+        control = self.queue.read_control()
+        if control.paused != self.control.paused:
+            log.warning("learning %s by the operator", "paused" if control.paused else "resumed")
+        self.control = control
+        if self._ahead is not None:  # taken from the stream: learned before anything else
+            return False
+        if control.rollback_id:
+            self._answer_rollback(control.rollback_id, control.rollback_version)
+        if not self.control.paused:
+            return False
+        self.checkpoints.tick(self._snapshot, idle=True)
+        self._remove_finished_uploads()
+        self.heartbeat()
+        if self._stop is not None:
+            self._stop.wait(self.settings.block_ms / 1000)
+        else:
+            time.sleep(self.settings.block_ms / 1000)
+        return True
+
+    def _answer_rollback(self, request_id: str, version: str) -> None:
+        before = self.version
+        try:
+            outcome = {"state": "done", "new_version": self.rollback(version)}
+        except RollbackRefused as exc:
+            log.error("rollback to %s refused: %s", version, exc)
+            outcome = {"state": "failed", "reason": str(exc)}
+        result = {"id": request_id, "version": version, "from_version": before, **outcome}
+        self.queue.finish_rollback(request_id, json.dumps({**result, "finished_at": time.time()}))
+        self.heartbeat(force=True)
+
+    def rollback(self, version: str) -> str:
+        """Go back to the durable checkpoint of ``version`` and go on from it under a new
+        generation (docs/versions.md: no version name is reused); returns the new version.
+
+        Everything published so far is checkpointed and acked first (those clips stay
+        ``learned``, their embeddings stay those of the versions that made them); the
+        updates after ``version`` leave the weights. Refused, with nothing changed, when the
+        checkpoint is not there or the current tail cannot be made durable."""
+        target = wire.ModelVersion.parse(version)
+        path = Path(self.settings.checkpoint_dir) / checkpoint_name(
+            target.generation, target.updates
+        )
+        if not path.exists():
+            kept = [f"{g}.{n}" for g, n in map(version_of, list_checkpoints(path.parent))]
+            raise RollbackRefused(f"no durable checkpoint of version {version} (kept: {kept})")
+        try:  # read before settling: the checkpoint written now may prune this one
+            state = load_checkpoint(path)
+            segments = self.checkpoints.read_segments(state)
+            if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):
+                raise RollbackRefused(f"{path.name} is {state['method']}/{state['preset']}")
+        except RollbackRefused:
+            raise
+        except Exception as exc:  # damaged, a missing memory segment
+            raise RollbackRefused(f"checkpoint {path.name} does not load: {exc!r}") from exc
+        if not self.settle():
+            raise RollbackRefused(
+                f"the clips published since the last checkpoint cannot be made durable "
+                f"({self.checkpoints.error}): nothing changed"
+            )
+        self.checkpoints = Checkpointer(
+            self.settings.checkpoint_dir,
+            self.settings.keep_checkpoints,
+            CheckpointPolicy.from_settings(self.settings),
+            self.queue,
+            self._retry,
+            self.learner.replay_memory(),
+        )
+        self.learner.take_step_embeddings()
+        self.checkpoints.load_learner(self.learner, state["learner"], segments)
+        self.counters = Counters.restored(state["counters"])
+        self.checkpoints.head = state["ledger"]["hash"] if "ledger" in state else GENESIS
+        self.durable_settles = {}  # every clip published so far was just acked
+        self.monitor = self._new_monitor()
+        self._restore_monitor(state, path)
+        published = self._retry(self.queue.published_generation)
+        self.counters.generation = self._claim_generation(published)
+        self.checkpoints.updated()  # the rolled-back weights become the newest checkpoint
+        self.checkpoints.flush(self._snapshot)
+        self.models.maybe_publish(self.learner, self.version, self.counters.step)
+        telemetry.MODEL_VERSION.set(self.counters.updates)
+        telemetry.GENERATION.set(self.counters.generation)
+        log.warning("rolled back to %s: now version %s", version, self.version)
+        return self.version
+
+
+class RollbackRefused(Exception):
+    """A rollback the worker did not do (nothing changed); its message says why."""
 
 
 def _fell_back(path: Path, exc: Exception) -> None:

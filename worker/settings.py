@@ -31,6 +31,10 @@ class WorkerSettings(BaseSettings):
     block_ms: int = 1000  # XREADGROUP block time when the stream is empty
     claim_min_idle_ms: int = 120_000  # reclaim entries of consumers with no heartbeat this long
     max_deliveries: int = 5  # an entry delivered more often goes to the dead-letter stream
+    # a dead-lettered clip's bytes stay this long (at most their ingest TTL) so that
+    # POST /dead/{id}/retry can re-queue it; 0: deleted with the dead letter. Redis memory:
+    # the bytes dead-lettered in the last hour, outside FLAVA_MAX_BACKLOG_BYTES
+    dead_blob_ttl_s: int = 3600
     decode_processes: int = 2  # clips decode in this many processes, beside the update
     decode_timeout_s: float = 60.0  # a clip still decoding this long is dead-lettered
     decode_nice: int = 10  # decode processes yield the cores to the update (0: same priority)
