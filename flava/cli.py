@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="API processes (uvicorn workers); /metrics then shows one process's counters",
+        help="API processes (uvicorn workers); /metrics adds up all of them",
     )
     serve.set_defaults(run=_serve)
 
@@ -186,16 +186,21 @@ def _pretrain(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.metrics_dir import metrics_dir
     from service.settings import ApiSettings
 
     options = {"host": args.host, "port": args.port, "log_level": args.log_level.lower()}
     # past this many connections uvicorn answers 503 at once; stalled bodies are cut (408)
     options["limit_concurrency"] = ApiSettings().limit_concurrency
-    if args.workers > 1:  # uvicorn starts each process from an import string
-        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
-    else:
-        uvicorn.run(create_app(), **options)
+    # N processes share their metrics through files (prometheus_client's multiprocess mode):
+    # the directory is set before any of them imports prometheus_client (service.app does)
+    with metrics_dir(args.workers):
+        if args.workers > 1:  # uvicorn starts each process from an import string
+            uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
+        else:
+            from service.app import create_app
+
+            uvicorn.run(create_app(), **options)
     return 0
 
 

@@ -18,7 +18,7 @@ import anyio
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -111,6 +111,7 @@ def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        metrics.process_exit()
         if own_client:
             await client.aclose()
 
@@ -512,7 +513,8 @@ async def readyz(state: State) -> JSONResponse:
 
 
 async def metrics_endpoint(state: State) -> Response:
-    """Prometheus metrics of this process (queue depth read from Redis at scrape time)."""
+    """Prometheus metrics of this process, or of all API processes under `flava serve
+    --workers N` (queue depth read from Redis at scrape time)."""
     try:
         backlog, dead = await _queue_depths(state)
         metrics.BACKLOG.set(backlog)
@@ -522,7 +524,7 @@ async def metrics_endpoint(state: State) -> Response:
         if unavailable(exc) is None:
             raise
         metrics.REDIS_UP.set(0)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _queue_depths(state: ApiState) -> tuple[int, int]:

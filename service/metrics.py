@@ -1,6 +1,27 @@
-"""Prometheus metrics of the API process (module constants: defined once per process)."""
+"""Prometheus metrics of the API process (module constants: defined once per process).
 
-from prometheus_client import Counter, Gauge, Histogram
+With several API processes (``flava serve --workers N``) each keeps its values in files under
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen when the variable
+is set at import) and /metrics adds them up, whichever process answers: counters and
+histograms are summed over every process that ever ran, dead ones included, so they never
+go back; each gauge says how its processes' values combine (``multiprocess_mode``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 INGEST_REQUESTS = Counter(
     "flava_ingest_requests_total", "POST /ingest answers by outcome", ["outcome"]
@@ -17,9 +38,23 @@ EMBED_SECONDS = Histogram(
     "Time to answer GET /embed",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
-BACKLOG = Gauge("flava_backlog_clips", "Clips accepted and not yet acked by a worker")
-DEAD_LETTERS = Gauge("flava_dead_letter_clips", "Entries in the dead-letter stream")
-REDIS_UP = Gauge("flava_api_redis_up", "1 if the API reached Redis on its last try")
+# Read from Redis by whichever process answers /metrics (or ingests): the newest value of the
+# live processes is the queue's, an older one is stale; a dead process's value is dropped.
+BACKLOG = Gauge(
+    "flava_backlog_clips",
+    "Clips accepted and not yet acked by a worker",
+    multiprocess_mode="livemostrecent",
+)
+DEAD_LETTERS = Gauge(
+    "flava_dead_letter_clips",
+    "Entries in the dead-letter stream",
+    multiprocess_mode="livemostrecent",
+)
+REDIS_UP = Gauge(
+    "flava_api_redis_up",
+    "1 if the API reached Redis on its last try",
+    multiprocess_mode="livemostrecent",  # the last try of any live API process
+)
 REDIS_UNAVAILABLE = Counter(
     "flava_api_redis_unavailable_total",
     "Requests answered 503 because Redis was down or refused (OOM, READONLY, BUSY, ...)",
@@ -68,3 +103,19 @@ class CountResponses:
             await self.app(scope, receive, counting_send)
         finally:
             HTTP_RESPONSES.labels(f"{status['code'] // 100}xx").inc()
+
+
+def exposition() -> bytes:
+    """The text /metrics serves: this process's metrics, or with PROMETHEUS_MULTIPROC_DIR set,
+    every API process's added up (a fresh registry per scrape, as prometheus_client says)."""
+    if not os.environ.get(MULTIPROC_DIR):
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def process_exit() -> None:
+    """Drop this process's live gauges from the sums (an API process that shuts down)."""
+    if os.environ.get(MULTIPROC_DIR):
+        multiprocess.mark_process_dead(os.getpid())
