@@ -141,6 +141,19 @@ def test_variable_references_are_well_formed():
     assert refs and all(re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}", r) for r in refs)
 
 
+def test_the_api_runs_several_processes_scraped_as_one_target(compose):
+    """One api service with FLAVA_API_WORKERS uvicorn processes (default 2), no proxy: its
+    /metrics adds up the processes (tests/flava/test_serve.py), so one target is right."""
+    command = services(compose)["api"]["command"]
+    workers = command[command.index("--workers") + 1]
+    default = re.fullmatch(r"\$\{FLAVA_API_WORKERS:-(\d+)\}", workers)
+    assert default and int(default.group(1)) > 1
+    assert "deploy" not in services(compose)["api"]  # not replicated: one port, one target
+    prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    (api_job,) = [job for job in prom["scrape_configs"] if job["job_name"] == "api"]
+    assert api_job["static_configs"] == [{"targets": ["api:8000"]}]
+
+
 # ---- Dockerfile --------------------------------------------------------------------------
 
 
