@@ -33,7 +33,10 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flava \
     && mkdir -p /var/lib/flava/checkpoints \
     && chown -R flava:flava /var/lib/flava
 USER flava
-ENV FLAVA_CHECKPOINT_DIR=/var/lib/flava/checkpoints
+# production unless told otherwise: `flava serve` refuses to start without FLAVA_API_TOKEN.
+# Local use without a token: -e FLAVA_ENVIRONMENT=dev, published on 127.0.0.1 only (README)
+ENV FLAVA_CHECKPOINT_DIR=/var/lib/flava/checkpoints \
+    FLAVA_ENVIRONMENT=production
 
 EXPOSE 8000 9100
 ENTRYPOINT ["flava"]

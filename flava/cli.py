@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    from contract.redact import install as redact_logs
+
+    redact_logs()  # no password (FLAVA_REDIS_URL) or token in any log line of the process
     return args.run(args) or 0
 
 
@@ -122,8 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="POST clip files, or a generated stream, to /ingest")
     push.add_argument("files", nargs="*", type=Path)
-    push.add_argument("--url", default="http://127.0.0.1:8000")
-    push.add_argument("--token", default=None)
+    _client_arguments(push)
     push.add_argument("--task", default=None)
     push.add_argument("--synthetic", type=int, default=0, help="generate N clips per segment")
     push.set_defaults(run=_push)
@@ -143,8 +145,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client_arguments(p: argparse.ArgumentParser) -> None:
+    from os import environ
+
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--token", default=None)
+    p.add_argument(
+        "--token",
+        default=environ.get("FLAVA_API_TOKEN") or None,
+        help="the API's bearer token (default: $FLAVA_API_TOKEN)",
+    )
 
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
@@ -190,8 +198,13 @@ def _serve(args) -> int:
     from service.settings import ApiSettings
 
     options = {"host": args.host, "port": args.port, "log_level": args.log_level.lower()}
+    try:  # refused before anything listens: production without a token, limits that clash
+        settings = ApiSettings()
+    except ValueError as exc:  # pydantic's ValidationError
+        print(f"flava serve: {exc}", file=sys.stderr)
+        return 2
     # past this many connections uvicorn answers 503 at once; stalled bodies are cut (408)
-    options["limit_concurrency"] = ApiSettings().limit_concurrency
+    options["limit_concurrency"] = settings.limit_concurrency
     # N processes share their metrics through files (prometheus_client's multiprocess mode):
     # the directory is set before any of them imports prometheus_client (service.app does)
     with metrics_dir(args.workers):

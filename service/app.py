@@ -17,7 +17,9 @@ from typing import Annotated
 import anyio
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -29,6 +31,7 @@ from starlette.datastructures import FormData, UploadFile
 from contract import wire
 from contract.faults import unavailable
 from contract.index import input_path
+from contract.redact import install as redact_logs
 from contract.windows import window_starts
 from service import manage, metrics, queries, schemas, search, uploads
 from service.probe import ProbeError, probe_clip
@@ -86,14 +89,26 @@ async def get_state(request: Request) -> ApiState:
 State = Annotated[ApiState, Depends(get_state)]
 
 
-async def require_token(request: Request, state: State) -> None:
+# declares the bearer scheme in the OpenAPI schema (each route that needs it says so); the
+# check is require_token's: a missing header or another scheme reads as no token
+BEARER = HTTPBearer(auto_error=False, description="FLAVA_API_TOKEN, when the API has one")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
+async def require_token(state: State, credentials: Credentials) -> None:
     """401 unless the bearer token matches FLAVA_API_TOKEN (when one is configured)."""
     token = state.settings.api_token
     if not token:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
         raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+async def require_metrics_token(state: State, credentials: Credentials) -> None:
+    """/metrics: the bearer token too when FLAVA_METRICS_AUTH is on (off by default)."""
+    if state.settings.metrics_auth:
+        await require_token(state, credentials)
 
 
 Authorized = Annotated[None, Depends(require_token)]
@@ -115,7 +130,19 @@ def create_app(settings: ApiSettings | None = None, client: aioredis.Redis | Non
         if own_client:
             await client.aclose()
 
-    app = FastAPI(title="flava-stream", version="0.1.0", lifespan=lifespan)
+    redact_logs()  # `flava serve --workers N` processes build the app without the CLI
+    # FLAVA_DOCS_AUTH: the schema and the docs need the token (the default routes are off)
+    closed = settings.docs_auth
+    app = FastAPI(
+        title="flava-stream",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None if closed else "/openapi.json",
+        docs_url=None if closed else "/docs",
+        redoc_url=None if closed else "/redoc",
+    )
+    if settings.docs_auth:
+        _add_docs_behind_token(app)
     app.state.api = ApiState(settings, client)
     app.add_middleware(metrics.CountResponses)  # answers by status class, for the 5xx alert
     metrics.BACKLOG_LIMIT.set(settings.max_backlog)
@@ -143,6 +170,21 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _add_docs_behind_token(app: FastAPI) -> None:
+    """GET /openapi.json and /docs with the bearer token; the docs page carries the schema
+    (Swagger UI's ``spec``), so it makes no second, token-less request for it."""
+
+    async def openapi(_: Authorized) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    async def docs(_: Authorized) -> HTMLResponse:
+        spec = {"spec": app.openapi()}
+        return get_swagger_ui_html(openapi_url="", title=app.title, swagger_ui_parameters=spec)
+
+    app.get("/openapi.json", include_in_schema=False)(openapi)
+    app.get("/docs", include_in_schema=False)(docs)
+
+
 def _add_routes(app: FastAPI) -> None:
     app.post("/ingest", status_code=202, openapi_extra=INGEST_OPENAPI)(ingest)
     app.get("/embed")(embed)
@@ -155,7 +197,7 @@ def _add_routes(app: FastAPI) -> None:
     )
     app.get("/healthz")(healthz)
     app.get("/readyz")(readyz)
-    app.get("/metrics")(metrics_endpoint)
+    app.get("/metrics", dependencies=[Depends(require_metrics_token)])(metrics_endpoint)
     # management (docs/operations.md): what the learner does, and the operator's levers
     app.get("/model")(model_state)
     app.get("/monitor")(monitor_summary)

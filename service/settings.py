@@ -21,6 +21,10 @@ class ApiSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "flava"
     api_token: str | None = None  # when set, /ingest and /embed need "Bearer <token>"
+    # off by default: /metrics (Prometheus then sends the token) and /openapi.json + /docs
+    # need the token too
+    metrics_auth: bool = False
+    docs_auth: bool = False
     # a clip of one example travels through Redis (claim-check): at most this many bytes,
     # and the cap of any multipart body
     max_body_bytes: int = 64 * 1024 * 1024
@@ -59,6 +63,8 @@ class ApiSettings(BaseSettings):
     def _refuse_unsafe_production(self) -> ApiSettings:
         if self.environment == "production" and not self.api_token:
             raise ValueError("FLAVA_API_TOKEN must be set when FLAVA_ENVIRONMENT=production")
+        if (self.metrics_auth or self.docs_auth) and not self.api_token:
+            raise ValueError("FLAVA_METRICS_AUTH / FLAVA_DOCS_AUTH need FLAVA_API_TOKEN")
         span_s(self.preset)  # an unknown preset is refused at start, not at the first upload
         if self.window_stride_s is not None and self.window_stride_s <= 0:
             raise ValueError("FLAVA_WINDOW_STRIDE_S must be positive")

@@ -7,13 +7,21 @@ reads where compose mounts the dashboards, the image runs ``flava`` as a non-roo
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
+
+from flava.procs import free_port, spawn, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
@@ -174,6 +182,44 @@ def test_dockerfile_one_slim_image_non_root_with_the_flava_entrypoint():
     assert scripts["flava"] == "flava.cli:main"
     installs = " ".join(args for op, args in steps if op == "RUN")
     assert "torch==" in installs and "pip install ." in installs
+
+
+def image_default(overrides: dict[str, str], port: int) -> tuple[list[str], dict[str, str]]:
+    """The image's default command (CMD after the ENTRYPOINT) on ``port`` and its environment
+    (ENV lines over this one, less any FLAVA_* setting of ours, plus ``overrides``)."""
+    steps = dockerfile()
+    cmd = json.loads([args for op, args in steps if op == "CMD"][-1])
+    cmd = [str(port) if arg == "8000" else arg for arg in cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAVA_")}
+    for args in (args for op, args in steps if op == "ENV"):
+        env.update(item.split("=", 1) for item in shlex.split(args))
+    return cmd, env | overrides
+
+
+def test_the_image_default_refuses_to_serve_without_a_token(tmp_path):
+    cmd, env = image_default({}, free_port())
+    assert env["FLAVA_ENVIRONMENT"] == "production"
+    run = subprocess.run(
+        [sys.executable, "-m", "flava", *cmd], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "FLAVA_API_TOKEN must be set" in run.stderr, run.stderr
+    # the documented local override (README): dev mode, published on loopback only
+    port = free_port()
+    cmd, env = image_default({"FLAVA_ENVIRONMENT": "dev"}, port)
+    cmd = ["127.0.0.1" if arg == "0.0.0.0" else arg for arg in cmd]
+    proc = spawn(cmd, env, tmp_path / "api.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "api.log").read_text()[-2000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        terminate(proc, timeout=30)  # uvicorn re-raises the SIGTERM it handled: exit -15
 
 
 def test_dockerfile_copies_only_what_exists():
