@@ -129,8 +129,11 @@ async def request_rollback(state, version: str) -> dict:
 
 async def dead_letters(state, before: str | None, limit: int) -> dict:
     """A page of dead letters, newest first: ``before`` is the ``next`` of the page before."""
-    top = f"({before}" if before else "+"
-    rows = await state.redis.xrevrange(state.keys.dead, max=top, min="-", count=limit + 1)
+    if before is not None and _first_id(before):
+        rows = []  # nothing comes before the first possible id (Redis refuses "(0-0")
+    else:
+        top = f"({before}" if before else "+"
+        rows = await state.redis.xrevrange(state.keys.dead, max=top, min="-", count=limit + 1)
     page, more = rows[:limit], len(rows) > limit
     letters = [_letter(eid, fields) for eid, fields in page]
     pipe = state.redis.pipeline(transaction=False)
@@ -150,6 +153,12 @@ async def dead_letters(state, before: str | None, limit: int) -> dict:
         letter["retryable"] = letter["state"] == "dead" and bytes_kept
     total = await state.redis.xlen(state.keys.dead)
     return {"total": total, "letters": letters, "next": letters[-1]["id"] if more else None}
+
+
+def _first_id(entry_id: str) -> bool:
+    """Whether a stream id is 0-0, the smallest there is."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms) == 0 and int(seq or 0) == 0
 
 
 def _letter(entry_id, fields: dict) -> dict[str, Any]:
