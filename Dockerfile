@@ -28,9 +28,11 @@ COPY worker ./worker
 COPY flava ./flava
 RUN pip install .
 
-# non-root; checkpoints live on a volume mounted at /var/lib/flava
+# non-root; checkpoints, uploads, kept inputs, models and indexes live on volumes mounted
+# under /var/lib/flava (a new named volume takes these directories' owner)
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flava \
-    && mkdir -p /var/lib/flava/checkpoints \
+    && mkdir -p /var/lib/flava/checkpoints /var/lib/flava/blobs /var/lib/flava/inputs \
+                /var/lib/flava/models /var/lib/flava/index \
     && chown -R flava:flava /var/lib/flava
 USER flava
 # production unless told otherwise: `flava serve` refuses to start without FLAVA_API_TOKEN.

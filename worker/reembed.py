@@ -25,6 +25,7 @@ from worker.inputs import InputStore, KeptInput
 from worker.models import LoadedModel, load_model, published_versions
 
 log = logging.getLogger(__name__)
+HEARTBEAT = ".follower"  # touched in the index directory every round of --follow
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,14 @@ class Follower:
         return len(done.ids)
 
     def run(self, stop: threading.Event) -> None:
+        """Rounds every ``interval_s`` until ``stop``; each touches ``index_dir/.follower``
+        (a healthcheck's heartbeat: compose's indexer service)."""
+        heartbeat = Path(self.index_dir) / HEARTBEAT
         while not stop.is_set():
             try:
                 self.step()
             except FileNotFoundError as exc:  # nothing published yet, or inputs gone
                 log.warning("reembed --follow: %s; retrying in %.0f s", exc, self.cfg.interval_s)
+            heartbeat.parent.mkdir(parents=True, exist_ok=True)
+            heartbeat.touch()
             stop.wait(self.cfg.interval_s)

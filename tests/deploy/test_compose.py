@@ -24,7 +24,7 @@ import yaml
 from flava.procs import free_port, spawn, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
+SERVICES = {"redis", "api", "worker", "embedder", "indexer", "prometheus", "grafana"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def mounts(service: dict) -> dict[str, str]:
     return out
 
 
-def test_compose_has_the_five_services_each_with_a_healthcheck(compose):
+def test_compose_has_its_services_each_with_a_healthcheck(compose):
     assert set(services(compose)) == SERVICES
     for name, svc in services(compose).items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -228,3 +228,28 @@ def test_dockerfile_copies_only_what_exists():
             *sources, _ = shlex.split(args)
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY source {source} missing"
+
+
+def test_the_query_side_shares_models_inputs_and_indexes_with_the_learner(compose):
+    """The embedder loads what the worker publishes, the indexer embeds what the worker kept
+    and writes what the API searches: each path is one named volume, and the directories
+    the settings name are where it is mounted."""
+    svc = services(compose)
+    shared = {
+        "FLAVA_MODELS_DIR": {"worker", "embedder", "indexer"},
+        "FLAVA_INPUTS_DIR": {"worker", "api", "indexer"},
+        "FLAVA_INDEX_DIR": {"indexer", "api"},
+        "FLAVA_BLOB_DIR": {"worker", "api"},
+    }
+    for setting, users in shared.items():
+        volumes = set()
+        for name in users:
+            path = env(svc[name])[setting]
+            assert path in mounts(svc[name]), f"{name} does not mount {setting} ({path})"
+            volumes.add(mounts(svc[name])[path])
+        assert len(volumes) == 1, f"{setting} is not one volume: {volumes}"
+    assert svc["indexer"]["command"] == ["reembed", "--follow"]
+    assert svc["embedder"]["command"] == ["embedder"]
+    made = " ".join(args for op, args in dockerfile() if op == "RUN")
+    for setting in shared:  # a new named volume takes the image directory's (non-root) owner
+        assert env(svc["worker"])[setting] in made, f"the image does not create {setting}"
