@@ -73,6 +73,7 @@ def measure_upload(stack: Stack, path: Path, timeout_s: float) -> dict[str, Any]
         upload_id = body["clip_id"]
         first = _first_embedding(http, upload_id, started, timeout_s)
         final = _all_settled(http, upload_id, started, timeout_s)
+        dead = http.get("/dead", params={"limit": 100}).json()["letters"]
     return {
         "file": path.name,
         "bytes": size,
@@ -89,6 +90,7 @@ def measure_upload(stack: Stack, path: Path, timeout_s: float) -> dict[str, Any]
         "versions": len(final["versions"]),
         "pooled_version": final["pooled"]["model_version"] if final["pooled"] else None,
         "pooled_windows": final["pooled"]["windows"] if final["pooled"] else 0,
+        "dead_reasons": sorted({letter["reason"] for letter in dead}),
     }
 
 
@@ -151,6 +153,9 @@ def markdown(rows: list[dict[str, Any]], cfg: UploadBenchConfig) -> str:
             f" | {r['windows_per_s']:.1f} | {r['windows_dead']}"
             f" | {r['pooled_version']}: {r['pooled_windows']} of {r['windows']} |"
         )
+    reasons = sorted({reason for r in rows for reason in r["dead_reasons"]})
+    if reasons:
+        lines += ["", "Dead windows' reasons: " + "; ".join(reasons)]
     lines += [
         "",
         "First embedding: window 0's embedding is readable while the rest are still queued;"
