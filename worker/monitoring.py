@@ -11,6 +11,9 @@ embedded:
 - every ``every`` steps every window's probes are re-embedded with the current learner:
   audio->video and video->audio R@1/5/10 and the masked reconstruction loss (fixed masks,
   no grad), recorded in a ``ForgettingTracker``;
+- the same embeddings of the last few evaluations are kept with the version that made them
+  (``CompatibilityTracker``): cross-version R@1, current-version queries against the gallery
+  embedded ``lag`` evaluations earlier (``compat_lags``), and its ratio to same-version R@1;
 - Prometheus gauges are set (``worker.telemetry``), and a JSON summary is written to
   ``Keys.monitor`` for the demo and operators.
 
@@ -29,6 +32,9 @@ re-posted probe is a duplicate, so the checkpoint is the only copy of the probe 
   ``probe_bytes`` each, 280 KiB at the tiny preset, 1.4 MiB at base;
 - the forgetting tracker: per window the evaluation count, best-so-far recall, lowest
   reconstruction loss and the last 100 evaluations;
+- the compatibility tracker: per window the probe embeddings (float16) and versions of the
+  last ``max(compat_lags) + 1`` evaluations: with the default lags (1, 2, 4) 5 x P x D x 2
+  values per window, at 64 probes 240 KiB at tiny (D 192), 960 KiB at base (D 768);
 - the drift windows (float32 embeddings and input statistics, 2 x ``drift.window`` rows per
   series) and the last drift report, the current window and the counters.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -53,19 +60,27 @@ from worker import telemetry
 from worker.core.learner import Batch, Learner
 from worker.core.media import Clip
 from worker.core.monitors import (
+    CompatibilityTracker,
     DriftConfig,
     DriftMonitor,
     DriftReport,
     ForgettingTracker,
     ProbeEvaluation,
+    check_lags,
     clip_brightness,
     clip_loudness,
+    embed_chunked,
     evaluate_probes,
 )
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("a2v", "v2a")
+CROSS_VERSION_DEFINITION = (
+    "R@1 (%) of a window's probes embedded by query_version against the same probes embedded "
+    "by gallery_version, `lag` evaluations earlier; same: both by query_version on the same "
+    "probes; ratio = cross / same (null when same is 0); chance = 100 / probes"
+)
 
 
 @dataclass(frozen=True)
@@ -80,10 +95,13 @@ class MonitorConfig:
     every: int = 25  # steps between forgetting evaluations; 0: never
     recon: bool = True  # measure the probes' reconstruction loss too
     ks: tuple[int, ...] = (1, 5, 10)  # recall cut-offs
+    # cross-version R@1 against the gallery embedded this many evaluations back; () = off
+    compat_lags: tuple[int, ...] = (1, 2, 4)
 
     def __post_init__(self) -> None:
         if self.max_windows < 2 or self.probes_per_window < 2 or self.count_window < 1:
             raise ValueError(f"need max_windows, probes_per_window >= 2, count_window >= 1: {self}")
+        check_lags(self.compat_lags)
 
     @property
     def max_probes(self) -> int:
@@ -101,6 +119,7 @@ class MonitorConfig:
             count_window=s.monitor_count_window,
             every=s.monitor_every,
             recon=s.monitor_recon,
+            compat_lags=tuple(s.monitor_compat_lags),
         )
 
 
@@ -186,6 +205,7 @@ class StreamMonitor:
         self.keys = keys or wire.Keys()
         self.drift = DriftMonitor(cfg.drift)
         self.tracker = ForgettingTracker()
+        self.compat = CompatibilityTracker(cfg.compat_lags)
         self.windows: OrderedDict[str, Window] = OrderedDict()
         self.current: str | None = None  # window of the latest training clip
         self.untagged_clips = 0
@@ -205,7 +225,7 @@ class StreamMonitor:
         """Feed one embedded batch (row i of emb_a/emb_v (B, D) is clips[i]); maybe evaluate."""
         self.observe(entries, clips, emb_a, emb_v)
         if self.due(step):
-            self.evaluate(step)
+            self.evaluate(step, version)
         self.publish(step, version)
 
     def observe(
@@ -274,7 +294,8 @@ class StreamMonitor:
         log.info("monitor window %s dropped (more than %d windows)", name, self.cfg.max_windows)
         del self.windows[name]
         self.tracker.drop(name)
-        _remove_window_series(name, self.cfg.ks)
+        self.compat.drop(name)
+        _remove_window_series(name, self.cfg.ks, self.cfg.compat_lags)
 
     # ---- forgetting ------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -291,21 +312,27 @@ class StreamMonitor:
         so the published figures describe the model as it is now."""
         if self.cfg.every <= 0 or step == self.last_eval_step or not self._has_probes():
             return False
-        self.evaluate(step)
+        self.evaluate(step, version)
         self.publish(step, version)
         return True
 
-    def evaluate(self, step: int) -> dict[str, ProbeEvaluation]:
-        """Re-embed every window's probes with the current model; update tracker and gauges."""
+    def evaluate(self, step: int, version: str) -> dict[str, ProbeEvaluation]:
+        """Re-embed every window's probes with the current model (``version``); update the
+        trackers and gauges. The embeddings serve both the recall and the cross-version
+        figures: one model pass per probe (and one more for the reconstruction loss)."""
         started = time.perf_counter()
         results = {}
         for name, window in self.windows.items():
             if len(window.probes) >= 2:
+                batch = window.probes.batch()
+                emb = embed_chunked(self.learner, batch)
                 results[name] = evaluate_probes(
-                    self.learner, window.probes.batch(), step, self.cfg.ks, self.cfg.recon
+                    self.learner, batch, step, self.cfg.ks, self.cfg.recon, embeddings=emb
                 )
                 self.tracker.record(name, results[name])
+                self.compat.record(name, version, step, *emb)
                 self._export_window(name)
+                self._export_cross_version(name)
         self._export_averages()
         self.last_eval_step = step
         telemetry.MONITOR_SECONDS.observe(time.perf_counter() - started)
@@ -329,6 +356,18 @@ class StreamMonitor:
         if state.recon is not None:
             telemetry.PROBE_RECON_LOSS.labels(name).set(state.recon)
 
+    def _export_cross_version(self, name: str) -> None:
+        for c in self.compat.report(name):
+            lag = str(c.lag)
+            for d in DIRECTIONS:
+                ratio = c.ratio[d]
+                telemetry.CROSS_VERSION_RECALL.labels(name, d, lag).set(c.cross[d] / 100)
+                telemetry.CROSS_VERSION_RELATIVE.labels(name, d, lag).set(
+                    math.nan if ratio is None else ratio
+                )
+            if c.updates_apart is not None:
+                telemetry.CROSS_VERSION_UPDATES.labels(name, lag).set(c.updates_apart)
+
     def _export_averages(self) -> None:
         trained = {n for n, w in self.windows.items() if w.trained}
         recall = self.tracker.averages(exclude=set(self.windows) - trained).recall
@@ -347,6 +386,7 @@ class StreamMonitor:
         return {
             "windows": [w.state_dict(name) for name, w in self.windows.items()],
             "tracker": self.tracker.state_dict(),
+            "compat": self.compat.state_dict(),
             "drift": self.drift.state_dict(),
             "last_report": self.last_report.as_dict() if self.last_report else None,
             "current": self.current,
@@ -359,6 +399,8 @@ class StreamMonitor:
         self._load_windows(state["windows"])
         tracked = {n: t for n, t in state["tracker"].items() if n in self.windows}
         self.tracker.load_state_dict(tracked)
+        kept = state.get("compat", {})  # none in checkpoints older than cross-version figures
+        self.compat.load_state_dict({n: h for n, h in kept.items() if n in self.windows})
         self.drift.load_state_dict(state["drift"])
         report = state["last_report"]
         self.last_report = DriftReport.from_dict(report) if report else None
@@ -383,6 +425,8 @@ class StreamMonitor:
             telemetry.PROBE_CLIPS.labels(name).set(len(window.probes))
         for name in self.tracker.windows():
             self._export_window(name)
+        for name in self.compat.windows():
+            self._export_cross_version(name)
         self._export_averages()
         ref_n, recent_n = self.drift.sizes()
         telemetry.DRIFT_WINDOW_CLIPS.labels("reference").set(ref_n)
@@ -408,10 +452,15 @@ class StreamMonitor:
                     "trained": w.trained,
                     "drift": w.drift,
                     "retrieval": asdict(self.tracker.state(name)) if name in tracked else None,
+                    "cross_version": [asdict(c) for c in self.compat.report(name)],
                 }
                 for name, w in self.windows.items()
             },
             "average_forgetting": asdict(self.tracker.averages(exclude=tracked - past)),
+            "cross_version": {
+                "lags": list(self.cfg.compat_lags),
+                "definition": CROSS_VERSION_DEFINITION,
+            },
             "recon": "masked MSE, audio + video, fixed masks" if self.cfg.recon else "off",
         }
 
@@ -442,7 +491,7 @@ def _export_drift(report: DriftReport) -> None:
     telemetry.INPUT_BRIGHTNESS.set(report.inputs["brightness"].recent)
 
 
-def _remove_window_series(name: str, ks: tuple[int, ...]) -> None:
+def _remove_window_series(name: str, ks: tuple[int, ...], lags: tuple[int, ...]) -> None:
     """Remove a dropped window's labelled series, so label cardinality stays bounded."""
     removals: list[tuple[Gauge, tuple[str, ...]]] = [
         (telemetry.PROBE_CLIPS, (name,)),
@@ -451,6 +500,11 @@ def _remove_window_series(name: str, ks: tuple[int, ...]) -> None:
     for direction, _, k in _series(ks):
         removals += [(telemetry.PROBE_RECALL, (name, direction, k))]
         removals += [(telemetry.FORGETTING, (name, direction, k))]
+    for lag in map(str, lags):
+        removals += [(telemetry.CROSS_VERSION_UPDATES, (name, lag))]
+        for direction in DIRECTIONS:
+            removals += [(telemetry.CROSS_VERSION_RECALL, (name, direction, lag))]
+            removals += [(telemetry.CROSS_VERSION_RELATIVE, (name, direction, lag))]
     for gauge, labels in removals:
         try:
             gauge.remove(*labels)
@@ -466,6 +520,9 @@ def format_summary(summary: dict) -> list[str]:
     ]
     for name, w in summary["windows"].items():
         lines.append(f"{name:<16}{w['probes']:>7}{_drift_cells(w['drift'])}{_recall_cells(w)}")
+    for name, w in summary["windows"].items():
+        if w.get("cross_version"):
+            lines.append(_cross_version_line(name, w["cross_version"]))
     avg = summary["average_forgetting"]
     if avg["forgetting"]:
         f = avg["forgetting"]
@@ -492,3 +549,21 @@ def _recall_cells(window: dict) -> str:
     now_best = f"{r['current']['a2v']['r1']:.1f}/{r['best']['a2v']['r1']:.1f}"
     recon = f"{r['recon']:.3f}" if r["recon"] is not None else "-"
     return f"{now_best:>19}{r['forgetting']['a2v']['avg']:>16.1f}{recon:>8}"
+
+
+def _cross_version_line(name: str, figures: list[dict]) -> str:
+    """One window's cross-version R@1 ratios (a2v/v2a) at each lag, with the R@1 chance."""
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    cells = [
+        f"{c['lag']} back ({c['gallery_version']}): "
+        f"{ratio(c['ratio']['a2v'])}/{ratio(c['ratio']['v2a'])}"
+        for c in figures
+    ]
+    chance = figures[0]["chance"]
+    return (
+        f"{name}: cross-version R@1 / same-version R@1, a2v/v2a, gallery k evaluations "
+        f"back: {'; '.join(cells)} (R@1 chance {chance:.1f}%)"
+    )

@@ -137,7 +137,7 @@ class Worker:
         self.learner = learner or build_learner(
             settings.method,
             self.model_cfg,
-            LearnerConfig(seed=settings.seed, lr=settings.lr),
+            LearnerConfig(seed=settings.seed, lr=settings.lr, der_alpha=settings.der_alpha),
             device=str(pick_device(settings.device)),
         )
         self.counters = Counters()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_consumer() -> str:
@@ -60,6 +60,10 @@ class WorkerSettings(BaseSettings):
     lr: float = 1e-4  # Adam lr of the backbone's online updates (the paper's)
     # contrastive weight of the online loss; None: the preset's (the paper's 0.1)
     nce_weight: float | None = None
+    # weight of the distillation term toward the replayed clips' stored embeddings (DER, in
+    # flava and derpp; 0 switches it off): the term that pulls the space toward where
+    # earlier versions put the replayed clips (docs/compat.md measures what it does)
+    der_alpha: float = Field(default=0.5, ge=0.0)
     max_steps: int = 0  # 0: run until stopped (tests and demos set a limit)
     # pretrained weights for a cold start (empty checkpoint dir): "builtin" (the package's
     # pretrained start for the preset, made by `flava pretrain`; from scratch when none is
@@ -78,11 +82,22 @@ class WorkerSettings(BaseSettings):
     monitor_count_window: int = 500  # untagged training clips per count-based window
     monitor_every: int = 25  # steps between forgetting evaluations; 0 disables them
     monitor_recon: bool = True  # also measure probe reconstruction loss (one more pass)
+    # cross-version R@1: current-version probe queries against the probes' embeddings this
+    # many evaluations back ("1,2,4"; "" off; at most 4 lags, each 0..16; docs/compat.md)
+    monitor_compat_lags: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4)
     # published models for the embedders (worker/models.py): a weights-only snapshot every
     # `publish_every` updates (0: none) into `models_dir`, the newest `keep_models` kept
     models_dir: str = "var/models"
     publish_every: int = 50
     keep_models: int = 5
+
+    @field_validator("monitor_compat_lags", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """The environment's form "1,2,4" -> (1, 2, 4); "" -> ()."""
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
 
 
 def _default_embedder() -> str:

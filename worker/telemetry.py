@@ -120,6 +120,23 @@ FORGETTING_AVG = Gauge(
     "Forgetting averaged over windows, the one being learned excluded",
     ["direction", "k"],
 )
+# cross-version retrieval (compatible spaces): lag = evaluations back, a few (bounded)
+CROSS_VERSION_RECALL = Gauge(
+    "flava_cross_version_recall_ratio",
+    "R@1 of a window's probes embedded by the current version against the same probes "
+    "embedded by the version `lag` forgetting evaluations earlier",
+    ["window", "direction", "lag"],
+)
+CROSS_VERSION_RELATIVE = Gauge(
+    "flava_cross_version_relative_ratio",
+    "Cross-version R@1 over same-version R@1 on the same probes (NaN: same-version R@1 is 0)",
+    ["window", "direction", "lag"],
+)
+CROSS_VERSION_UPDATES = Gauge(
+    "flava_cross_version_updates",
+    "Updates between the current version and the one `lag` evaluations earlier",
+    ["window", "lag"],
+)
 MONITOR_WINDOWS = Gauge("flava_monitor_windows", "Probe windows the forgetting monitor tracks")
 MONITOR_EVALUATIONS = Counter(
     "flava_monitor_evaluations_total", "Forgetting evaluations over every window's probes"

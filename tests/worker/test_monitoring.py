@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import math
 import uuid
 
 import pytest
 import redis
 import torch
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
 
 from contract import wire
 from tests.queueing import enqueue
 from worker import telemetry
+from worker.builtin import builtin_path
 from worker.core.learner import Batch, build_learner
 from worker.core.media import decode_clip
 from worker.core.model import preset
-from worker.core.monitors import DriftConfig
+from worker.core.monitors import DriftConfig, embed_chunked
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
 from worker.monitoring import MonitorConfig, StreamMonitor, format_summary, probe_bytes
 from worker.runner import Worker
+from worker.warmstart import warm_start
 
 STREAM = StreamConfig(num_segments=2)
 
@@ -210,26 +214,37 @@ def test_worker_feeds_the_monitor_and_publishes_its_summary(
     settings = worker_settings(
         monitor_window=4,
         monitor_every=1,
+        monitor_compat_lags="1,3",  # as the environment gives it
+        der_alpha=0.0,
     )
     client = redis.Redis.from_url(redis_url)
     keys = wire.Keys(prefix)
     for data, _ in media["probe0"]:
         enqueue(client, keys, data, "probe", "segment-0")
-    for data, _ in media["train0"][:4]:
+    for data, _ in media["train0"][:6]:
         enqueue(client, keys, data, "train", "segment-0")
     worker = Worker(settings, client)
     worker.start()
     try:
         worker.iterate()  # the probes: no step
         worker.iterate()  # four training clips: step 1, evaluation
+        first = worker.version
         summary = json.loads(client.get(keys.monitor))
+        worker.iterate()  # two more: step 2, evaluation
+        latest = json.loads(client.get(keys.monitor))
     finally:
         worker.pool.shutdown()
         client.close()
+    assert worker.learner.cfg.der_alpha == 0.0
     assert summary["step"] == 1 and summary["current_window"] == "segment-0"
     window = summary["windows"]["segment-0"]
     assert window["probes"] == 4 and window["trained"] is True
     assert window["retrieval"]["evaluations"] == 1 and window["retrieval"]["recon"] > 0
+    assert window["cross_version"] == []  # one evaluation: nothing to compare with yet
+    assert latest["cross_version"]["lags"] == [1, 3]
+    [lag1] = latest["windows"]["segment-0"]["cross_version"]
+    assert (lag1["query_version"], lag1["gallery_version"]) == (worker.version, first)
+    assert lag1["updates_apart"] == 1 and lag1["probes"] == 4 and lag1["chance"] == 25.0
 
 
 # ---- checkpoint state ------------------------------------------------------------------------
@@ -247,6 +262,92 @@ def without_time(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "updated_at"}
 
 
+# ---- cross-version retrieval -------------------------------------------------------------
+
+
+def r1(queries: torch.Tensor, gallery: torch.Tensor) -> float:
+    """R@1 (%) by brute force: the share of queries whose most similar gallery row is theirs."""
+    q = torch.nn.functional.normalize(queries.float(), dim=1)
+    g = torch.nn.functional.normalize(gallery.float(), dim=1)
+    return 100.0 * float(((q @ g.t()).argmax(1) == torch.arange(len(q))).double().mean())
+
+
+def test_cross_version_figures_use_the_gallery_each_version_embedded(media):
+    """A pretrained learner trained between evaluations: the lag-k figure is R@1 of today's
+    probe embeddings against those the version k evaluations back made; lag 0 gives 1."""
+    learner = build_learner("finetune", preset("tiny"))  # its own: this test trains it
+    warm_start(learner, builtin_path("tiny"))
+    w0, w1 = names()
+    monitor = StreamMonitor(monitor_cfg(compat_lags=(0, 1, 2), recon=False), learner)
+    feed(monitor, learner, media["probe0"] + media["probe1"], w0, "probe", 0)
+    feed(monitor, learner, media["probe1"][:3], w1, "probe", 0)
+    probes = monitor.windows[w0].probes.batch()
+    train = [c for _, c in media["train0"]]
+    models = {}
+    for update in range(3):
+        if update:
+            learner.step(
+                Batch(torch.stack([c.fbank for c in train]), torch.stack([c.frames for c in train]))
+            )
+        version = f"5.{learner.step_count}"
+        models[version] = copy.deepcopy(learner.model.state_dict())
+        monitor.evaluate(update, version)
+        if update == 1:  # a probe joins w1 between evaluations
+            feed(monitor, learner, media["probe1"][3:], w1, "probe", 1)
+    figures = {c.lag: c for c in monitor.compat.report(w0)}
+    assert [(c.query_version, c.gallery_version) for c in figures.values()] == [
+        ("5.2", "5.2"),
+        ("5.2", "5.1"),
+        ("5.2", "5.0"),
+    ]
+    now_a, now_v = (x.half() for x in embed_chunked(learner, probes))
+    assert figures[0].same == figures[0].cross == {"a2v": r1(now_a, now_v), "v2a": r1(now_v, now_a)}
+    assert figures[0].ratio["a2v"] == 1.0 and figures[0].ratio["v2a"] == 1.0  # both above 0
+    for lag, version in ((1, "5.1"), (2, "5.0")):
+        learner.model.load_state_dict(models[version])  # that version, re-made
+        old_a, old_v = (x.half() for x in embed_chunked(learner, probes))
+        assert not torch.equal(old_v, now_v)  # the updates moved the space
+        c = figures[lag]
+        assert c.cross == {"a2v": r1(now_a, old_v), "v2a": r1(now_v, old_a)}
+        assert (c.updates_apart, c.probes, c.chance) == (lag, 8, 12.5)
+        for d in ("a2v", "v2a"):
+            assert c.ratio[d] == pytest.approx(c.cross[d] / c.same[d])
+            assert gauge(
+                "flava_cross_version_recall_ratio", window=w0, direction=d, lag=str(lag)
+            ) == pytest.approx(c.cross[d] / 100)
+            assert gauge(
+                "flava_cross_version_relative_ratio", window=w0, direction=d, lag=str(lag)
+            ) == pytest.approx(c.ratio[d])
+        assert gauge("flava_cross_version_updates", window=w0, lag=str(lag)) == lag
+    # w1 had 3 probes at version 5.0 and 5.1, then 4: compared on the 3 both embedded
+    assert [c.probes for c in monitor.compat.report(w1)] == [4, 3, 3]
+    text = generate_latest(REGISTRY).decode()  # what /metrics serves
+    assert f'flava_cross_version_relative_ratio{{direction="v2a",lag="2",window="{w0}"}}' in text
+
+
+def test_an_undefined_cross_version_ratio_is_nan_on_the_gauge_and_null_in_the_summary(
+    learner, media
+):
+    """The random tiny model finds no a2v pair first among probe0's clips: same-version R@1
+    0, so the ratio is undefined, not a number made up."""
+    w0, _ = names()
+    monitor = StreamMonitor(monitor_cfg(compat_lags=(0,)), learner)
+    feed(monitor, learner, media["probe0"], w0, "probe", 0)
+    monitor.evaluate(1, "0.1")
+    [figure] = monitor.compat.report(w0)
+    assert figure.same["a2v"] == 0.0, "precondition: the random model misses every a2v pair"
+    assert figure.ratio["a2v"] is None and figure.ratio["v2a"] == 1.0
+    assert math.isnan(
+        gauge("flava_cross_version_relative_ratio", window=w0, direction="a2v", lag="0")
+    )
+    assert gauge("flava_cross_version_recall_ratio", window=w0, direction="a2v", lag="0") == 0.0
+    summary = json.loads(json.dumps(monitor.summary(1, "0.1")))
+    [entry] = summary["windows"][w0]["cross_version"]
+    assert entry["ratio"] == {"a2v": None, "v2a": 1.0} and entry["query_version"] == "0.1"
+    assert summary["cross_version"]["lags"] == [0]
+    assert any("cross-version" in line for line in format_summary(summary))
+
+
 def test_state_round_trip_gives_identical_reports_and_gauges(learner, media):
     w0, w1 = names()
     monitor = StreamMonitor(monitor_cfg(every=2), learner)
@@ -255,17 +356,27 @@ def test_state_round_trip_gives_identical_reports_and_gauges(learner, media):
     for w in (w0, w1):  # what a fresh process would show
         telemetry.PROBE_CLIPS.remove(w)
         telemetry.FORGETTING.remove(w, "a2v", "1")
+        telemetry.CROSS_VERSION_RECALL.remove(w, "v2a", "1")
     restored = StreamMonitor(monitor_cfg(every=2), learner)
     restored.load_state_dict(state)
     assert without_time(restored.summary(4, 4)) == without_time(monitor.summary(4, 4))
+    assert [c.gallery_version for c in restored.compat.report(w0)] == ["2"]  # the step-2 one
+    assert gauge("flava_cross_version_recall_ratio", window=w0, direction="v2a", lag="1") == (
+        pytest.approx(monitor.compat.report(w0)[0].cross["v2a"] / 100)
+    )
     assert gauge("flava_probe_clips", window=w0) == 4
     assert gauge("flava_forgetting_ratio", window=w0, direction="a2v", k="1") == pytest.approx(
         monitor.tracker.state(w0).forgetting["a2v"]["r1"] / 100
     )
     # the same probes, bit for bit: the next evaluation gives the same R@K and forgetting
-    assert restored.evaluate(6) == monitor.evaluate(6)
+    assert restored.evaluate(6, "0.6") == monitor.evaluate(6, "0.6")
     assert restored.tracker.state(w0) == monitor.tracker.state(w0)
     assert restored.tracker.state(w0).evaluations == 3
+    assert restored.compat.report(w0) == monitor.compat.report(w0)
+    # a checkpoint from before cross-version figures: they start empty, the rest loads
+    older = StreamMonitor(monitor_cfg(every=2), learner)
+    older.load_state_dict({k: v for k, v in state.items() if k != "compat"})
+    assert older.compat.windows() == [] and older.tracker.windows() == [w0, w1]
 
 
 def test_state_holds_float16_probes_within_the_caps(learner, media):

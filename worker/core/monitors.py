@@ -18,7 +18,14 @@ Forgetting: ``ForgettingTracker`` keeps, per window (task), the history of retri
 recall on that window's held-out probes (R@K in percent, as ``recall_at_k``) and their
 reconstruction loss; forgetting = best-so-far minus current (docs/design.md section 5).
 
-Both monitors have ``state_dict`` / ``load_state_dict`` made of tensors and plain containers
+Compatibility: ``CompatibilityTracker`` keeps, per window, the probe embeddings of the last
+few evaluations with the version that made them, and measures cross-version retrieval: R@1 of
+the probes embedded by the current version (queries) against the same probes embedded by the
+version ``lag`` evaluations earlier (gallery), and its ratio to same-version R@1 on the same
+probes. An online learner moves its space every update; this says how far an index built by
+an older version still serves queries of the newest (docs/versions.md, docs/compat.md).
+
+The monitors have ``state_dict`` / ``load_state_dict`` made of tensors and plain containers
 only (what ``torch.load(weights_only=True)`` accepts), so the worker's checkpoint carries
 them across restarts and a restored monitor reports the same figures.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,7 +43,7 @@ from torch import Tensor
 from worker.core.learner import Batch, Learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
 from worker.core.model import ModelConfig, random_split
-from worker.core.retrieval import recall_at_k
+from worker.core.retrieval import recall_against, recall_at_k
 
 # ---------------------------------------------------------------------------------------
 # two-sample statistics
@@ -359,11 +367,15 @@ def evaluate_probes(
     ks: tuple[int, ...] = (1, 5, 10),
     with_recon: bool = True,
     mask_seed: int = 0,
+    embeddings: tuple[Tensor, Tensor] | None = None,
 ) -> ProbeEvaluation:
-    """Retrieval R@K (both directions) and reconstruction loss of probes (B >= 2)."""
+    """Retrieval R@K (both directions) and reconstruction loss of probes (B >= 2).
+
+    ``embeddings``: the batch's (a (B, D), v (B, D)) by this learner, when the caller has
+    them already (``embed_chunked``); else they are computed here."""
     if len(batch) < 2:
         raise ValueError(f"retrieval needs at least 2 probes, got {len(batch)}")
-    emb_a, emb_v = embed_chunked(learner, batch)
+    emb_a, emb_v = embed_chunked(learner, batch) if embeddings is None else embeddings
     recon = reconstruction_loss(learner, batch, mask_seed) if with_recon else None
     return ProbeEvaluation(step, recall_at_k(emb_a, emb_v, ks), recon, len(batch))
 
@@ -518,3 +530,174 @@ def _difference(
     a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, float]]:
     return {d: {m: a[d][m] - b[d][m] for m in a[d]} for d in a}
+
+
+# ---------------------------------------------------------------------------------------
+# cross-version retrieval (compatible spaces)
+
+MAX_LAG = 16  # a gallery comes from at most this many evaluations back
+MAX_LAGS = 4  # lags tracked at once (gauge series: windows x 2 directions x lags)
+
+
+def check_lags(lags: Sequence[int]) -> tuple[int, ...]:
+    """The lags sorted and distinct; each 0..MAX_LAG, at most MAX_LAGS (ValueError else).
+
+    Lag 0 compares an evaluation with itself (ratio 1 wherever defined): a self-check."""
+    out = tuple(sorted({int(k) for k in lags}))
+    if len(out) > MAX_LAGS or any(not 0 <= k <= MAX_LAG for k in out):
+        raise ValueError(f"need at most {MAX_LAGS} lags in 0..{MAX_LAG}, got {tuple(lags)}")
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeEmbeddings:
+    """One evaluation of a window's probes: their embeddings and the version that made them."""
+
+    version: str
+    step: int
+    audio: Tensor  # (P, D) float16, in probe order
+    video: Tensor  # (P, D) float16
+
+
+@dataclass
+class CrossVersion:
+    """Cross-version R@1 of one window at one lag, in percent, per direction "a2v" / "v2a".
+
+    Queries: the probes embedded by ``query_version`` (the latest evaluation); gallery: the
+    same probes embedded ``lag`` evaluations earlier by ``gallery_version`` (a2v: audio
+    queries against the old video embeddings; v2a the reverse). ``same``: R@1 with both
+    sides by ``query_version``, on the same ``probes`` clips (the first ones: a window's
+    probes only ever grow). ``ratio`` = cross / same, None where same is 0 (undefined).
+    ``chance``: R@1 of a random ranking, 100 / probes.
+    """
+
+    lag: int
+    query_version: str
+    gallery_version: str
+    query_step: int
+    gallery_step: int
+    updates_apart: int | None  # N of query_version minus N of gallery_version
+    probes: int
+    chance: float
+    same: dict[str, float]
+    cross: dict[str, float]
+    ratio: dict[str, float | None]
+
+
+def cross_version(now: ProbeEmbeddings, then: ProbeEmbeddings, lag: int) -> CrossVersion | None:
+    """R@1 of ``now``'s probes as queries against ``then``'s as the gallery, and against
+    ``now``'s own; None when fewer than 2 probes are common to both."""
+    m = min(now.audio.shape[0], then.audio.shape[0])
+    if m < 2:
+        return None
+    a, v = now.audio[:m], now.video[:m]
+    same = {"a2v": _r1(a, v), "v2a": _r1(v, a)}
+    cross = {"a2v": _r1(a, then.video[:m]), "v2a": _r1(v, then.audio[:m])}
+    n_now, n_then = _updates(now.version), _updates(then.version)
+    return CrossVersion(
+        lag=lag,
+        query_version=now.version,
+        gallery_version=then.version,
+        query_step=now.step,
+        gallery_step=then.step,
+        updates_apart=None if n_now is None or n_then is None else n_now - n_then,
+        probes=m,
+        chance=100.0 / m,
+        same=same,
+        cross=cross,
+        ratio={d: cross[d] / same[d] if same[d] > 0 else None for d in same},
+    )
+
+
+def _r1(queries: Tensor, gallery: Tensor) -> float:
+    return recall_against(queries, gallery, (1,))["r1"]
+
+
+def _updates(version: str) -> int | None:
+    """N of a version "G.N" (a bare "N" reads as generation 0); None if it is neither."""
+    tail = str(version).rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+class CompatibilityTracker:
+    """Per window: the probe embeddings of its last ``max(lags) + 1`` evaluations and the
+    cross-version R@1 of the latest against each lag's (``CrossVersion``).
+
+    It reuses the embeddings the forgetting evaluation computes (no model pass of its own)
+    and holds at most ``keep`` x P x D x 2 float16 values per window. No lags: disabled.
+    """
+
+    def __init__(self, lags: Sequence[int] = (1, 2, 4)) -> None:
+        self.lags = check_lags(lags)
+        self.keep = max(self.lags) + 1 if self.lags else 0
+        self._history: dict[str, deque[ProbeEmbeddings]] = {}
+        self._latest: dict[str, list[CrossVersion]] = {}
+
+    def record(
+        self, window: str, version: str, step: int, audio: Tensor, video: Tensor
+    ) -> list[CrossVersion]:
+        """Keep one evaluation's probe embeddings (a, v (P, D)) made by ``version``; returns
+        the window's cross-version figures at every lag its history reaches."""
+        if not self.keep:
+            return []
+        history = self._history.setdefault(window, deque(maxlen=self.keep))
+        history.append(ProbeEmbeddings(str(version), step, _half(audio), _half(video)))
+        self._latest[window] = _compare(history, self.lags)
+        return self.report(window)
+
+    def report(self, window: str) -> list[CrossVersion]:
+        """The latest evaluation's figures, by lag ([] before a second evaluation)."""
+        return list(self._latest.get(window, []))
+
+    def history(self, window: str) -> list[ProbeEmbeddings]:
+        """The kept evaluations of ``window``, oldest first."""
+        return list(self._history.get(window, []))
+
+    def windows(self) -> list[str]:
+        return list(self._history)
+
+    def drop(self, window: str) -> None:
+        self._history.pop(window, None)
+        self._latest.pop(window, None)
+
+    def state_dict(self) -> dict[str, list[dict]]:
+        """{window: [{"version", "step", "audio" (P, D) float16, "video"}]}, oldest first."""
+        return {
+            name: [
+                {"version": e.version, "step": e.step, "audio": e.audio, "video": e.video}
+                for e in history
+            ]
+            for name, history in self._history.items()
+        }
+
+    def load_state_dict(self, state: dict[str, list[dict]]) -> None:
+        """Restore ``state_dict()`` (the newest ``keep`` evaluations of each window, as the
+        lags may have shrunk since) and recompute the figures."""
+        self._history, self._latest = {}, {}
+        if not self.keep:
+            return
+        for name, saved in state.items():
+            kept = [
+                ProbeEmbeddings(
+                    str(e["version"]), int(e["step"]), _half(e["audio"]), _half(e["video"])
+                )
+                for e in saved[-self.keep :]
+            ]
+            if kept:
+                self._history[name] = deque(kept, maxlen=self.keep)
+                self._latest[name] = _compare(self._history[name], self.lags)
+
+
+def _half(x: Tensor) -> Tensor:
+    return x.detach().cpu().half()
+
+
+def _compare(history: deque[ProbeEmbeddings], lags: tuple[int, ...]) -> list[CrossVersion]:
+    now = history[-1]
+    out = []
+    for lag in lags:
+        if lag < len(history):
+            figures = cross_version(now, history[-1 - lag], lag)
+            if figures is not None:
+                out.append(figures)
+    return out

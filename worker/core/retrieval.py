@@ -61,6 +61,27 @@ def recall_at_k(
     }
 
 
+def recall_against(
+    queries: Tensor, gallery: Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall in percent of queries (N, D) against a gallery (N, D) of the same N clips.
+
+    Query i's one match is gallery row i; the two sides may come from different models
+    (cross-version retrieval: queries by one version, the gallery by an earlier one) or
+    modalities. Returns ``{"r1", ..., "avg"}`` as one direction of ``recall_at_k``.
+    """
+    if queries.shape != gallery.shape or queries.dim() != 2:
+        raise ValueError(
+            f"need two (N, D) sides of one shape, got {queries.shape}, {gallery.shape}"
+        )
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive, got {ks}")
+    n = queries.shape[0]
+    q = F.normalize(queries.detach().float().cpu(), dim=-1)
+    g = F.normalize(gallery.detach().float().cpu(), dim=-1)
+    return _recalls(_hits_at_k(q, g, torch.arange(n), min(max(ks), n)), ks)
+
+
 def recall_by_group(
     a: Tensor, v: Tensor, groups: Tensor, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[int, dict[str, dict[str, float]]]:

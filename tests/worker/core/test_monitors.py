@@ -12,11 +12,13 @@ from worker.core.learner import Batch, build_learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
 from worker.core.model import preset
 from worker.core.monitors import (
+    CompatibilityTracker,
     DriftConfig,
     DriftMonitor,
     DriftReport,
     ForgettingTracker,
     ProbeEvaluation,
+    check_lags,
     clip_brightness,
     clip_loudness,
     evaluate_probes,
@@ -324,3 +326,82 @@ def test_drift_monitor_state_round_trip_gives_the_same_report():
     empty = DriftMonitor()
     empty.load_state_dict(saved_and_loaded(DriftMonitor().state_dict()))
     assert empty.sizes() == (0, 0)
+
+
+# ---- cross-version retrieval -------------------------------------------------------------
+
+
+def basis(n: int, shift: int = 0) -> torch.Tensor:
+    """(n, n): row i is the unit vector e_{(i + shift) mod n}."""
+    return torch.eye(n).roll(shift, dims=1)
+
+
+def test_cross_version_r1_is_current_queries_against_the_lagged_gallery():
+    tracker = CompatibilityTracker(lags=(0, 1, 2))
+    # version 3.10: pairs aligned; 3.20: video moved by one clip; 3.30: audio moved too
+    assert tracker.record("w", "3.10", 10, basis(4), basis(4)) == tracker.report("w")
+    [lag0] = tracker.report("w")  # lag 1 and 2: no gallery that old yet
+    assert (lag0.lag, lag0.query_version, lag0.gallery_version) == (0, "3.10", "3.10")
+    assert lag0.same == lag0.cross == {"a2v": 100.0, "v2a": 100.0}
+    assert lag0.ratio == {"a2v": 1.0, "v2a": 1.0} and lag0.chance == 25.0
+    tracker.record("w", "3.20", 20, basis(4), basis(4, 1))
+    _, lag1 = tracker.report("w")
+    # same version: a_i = e_i finds v_{i-1} = e_i: R@1 0, the ratio undefined (None)
+    assert lag1.same == {"a2v": 0.0, "v2a": 0.0} and lag1.ratio == {"a2v": None, "v2a": None}
+    # against 3.10's gallery: a_i = e_i finds old v_i = e_i; v_i = e_{i+1} finds old a_{i+1}
+    assert lag1.cross == {"a2v": 100.0, "v2a": 0.0}
+    assert (lag1.gallery_version, lag1.gallery_step, lag1.updates_apart) == ("3.10", 10, 10)
+    tracker.record("w", "4.30", 30, basis(4, 1), basis(4, 1))
+    lag0, lag1, lag2 = tracker.report("w")
+    assert lag0.ratio == {"a2v": 1.0, "v2a": 1.0}
+    assert (lag1.gallery_version, lag2.gallery_version) == ("3.20", "3.10")
+    assert lag2.updates_apart == 20  # N counts across generations (docs/versions.md)
+    assert lag1.cross == {"a2v": 100.0, "v2a": 0.0}  # a_i = e_{i+1} finds 3.20's v_i
+    assert lag2.cross == {"a2v": 0.0, "v2a": 0.0}  # nothing aligns with 3.10's space
+    assert lag2.ratio == {"a2v": 0.0, "v2a": 0.0}
+    # the history is bounded by the largest lag
+    assert [e.version for e in tracker.history("w")] == ["3.10", "3.20", "4.30"]
+    tracker.record("w", "4.40", 40, basis(4), basis(4))
+    assert [e.version for e in tracker.history("w")] == ["3.20", "4.30", "4.40"]
+
+
+def test_cross_version_compares_the_probes_both_versions_embedded():
+    tracker = CompatibilityTracker(lags=(1,))
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(3, 8, generator=g)
+    tracker.record("w", "0.1", 1, old, old)
+    new = torch.cat([old, torch.randn(2, 8, generator=g)])  # two probes joined since
+    [figure] = tracker.record("w", "0.2", 2, new, new)
+    assert figure.probes == 3 and figure.chance == pytest.approx(100 / 3)
+    assert figure.cross == figure.same == {"a2v": 100.0, "v2a": 100.0}
+    tracker.record("x", "0.3", 3, old[:1], old[:1])
+    assert tracker.record("x", "0.4", 4, new, new) == []  # one common probe: no R@1
+
+
+def test_compat_state_round_trip_and_lags_shrinking():
+    tracker = CompatibilityTracker(lags=(1, 4))
+    for n in range(6):
+        emb = basis(5, n % 3)
+        tracker.record("w", f"1.{n}", n, emb, emb.roll(1, 0))
+    assert len(tracker.history("w")) == 5
+    state = saved_and_loaded(tracker.state_dict())
+    assert state["w"][0]["audio"].dtype == torch.float16
+    restored = CompatibilityTracker(lags=(1, 4))
+    restored.load_state_dict(state)
+    assert restored.report("w") == tracker.report("w")
+    smaller = CompatibilityTracker(lags=(1,))
+    smaller.load_state_dict(state)
+    assert [e.version for e in smaller.history("w")] == ["1.4", "1.5"]
+    assert smaller.report("w") == tracker.report("w")[:1]
+    off = CompatibilityTracker(lags=())
+    off.load_state_dict(state)
+    assert off.record("w", "1.6", 6, basis(5), basis(5)) == [] and off.windows() == []
+    tracker.drop("w")
+    assert tracker.windows() == [] and tracker.report("w") == []
+
+
+def test_lags_are_bounded():
+    assert check_lags([4, 1, 2, 1]) == (1, 2, 4)
+    for bad in ([1, 2, 3, 4, 5], [17], [-1]):
+        with pytest.raises(ValueError):
+            check_lags(bad)

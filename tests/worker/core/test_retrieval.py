@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.core.retrieval import recall_at_k
+from worker.core.retrieval import recall_against, recall_at_k
 
 
 def test_perfect_pairs_score_100() -> None:
@@ -63,3 +63,15 @@ def test_recall_by_group_ranks_each_query_against_the_union_gallery():
     assert res[1]["a2v"]["r1"] == 100.0
     with pytest.raises(ValueError):
         recall_by_group(a, v, torch.tensor([0, 1]))
+
+
+def test_recall_against_is_one_direction_of_recall_at_k_and_takes_any_gallery() -> None:
+    a, v = torch.randn(12, 5), torch.randn(12, 5)
+    both = recall_at_k(a, v, ks=(1, 3))
+    assert recall_against(a, v, (1, 3)) == both["a2v"]
+    assert recall_against(v, a, (1, 3)) == both["v2a"]
+    # a gallery whose row i is another clip's: no query finds its match first
+    assert recall_against(a, a.roll(1, 0), (1,))["r1"] == 0.0
+    assert recall_against(a, a * 2.0, (1,))["r1"] == 100.0  # cosine: scale does not matter
+    with pytest.raises(ValueError):
+        recall_against(a, v[:5])
