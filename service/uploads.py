@@ -17,22 +17,23 @@ most windows (``source: live``); the answer says how many windows that is.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from contract import wire
+from contract.index import unit_rows
 from contract.windows import PARTIAL_SUFFIX, upload_path
 from service.probe import ProbeError
 from service.settings import ApiSettings
@@ -239,8 +240,8 @@ async def _indexed_pool(
         "model_version": index.version,
         "windows": count,
         "source": "index",
-        "audio": _unit_mean([list(map(float, r)) for r in rows if r is not None]),
-        "video": _unit_mean([list(map(float, v)) for v in video if v is not None]),
+        "audio": _unit_mean([r for r in rows if r is not None]),
+        "video": _unit_mean([v for v in video if v is not None]),
     }
 
 
@@ -276,15 +277,10 @@ def pooled(embeddings: list[wire.Embedding | None], version: str | None) -> dict
     }
 
 
-def _unit_mean(vectors: list[list[float]]) -> list[float]:
+def _unit_mean(vectors: Sequence[Sequence[float] | np.ndarray]) -> list[float]:
     """The mean of the L2-normalised vectors, L2-normalised (each window counts alike)."""
-    units = [_unit(v) for v in vectors]
-    return _unit([sum(column) / len(units) for column in zip(*units, strict=True)])
-
-
-def _unit(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return [x / norm for x in vector]
+    mean = unit_rows(np.asarray(vectors, dtype=np.float32)).mean(axis=0, keepdims=True)
+    return unit_rows(mean)[0].tolist()
 
 
 def _page(upload_id: str, embeddings: list, offset: int, limit: int) -> list[dict]:
