@@ -402,6 +402,8 @@ async def embed(
         answer = await uploads.upload_answer(state, clip_id, clip, version, *page)
     elif clip:
         answer = _embed_answer(clip_id, clip, emb, version)
+        if answer.status_code == 404 and version is not None:  # another version made it
+            answer = await _indexed_answer(state, clip_id, clip, version) or answer
     else:
         answer = _unknown_answer(clip_id, epoch, await _queue_epoch(state))
     metrics.EMBED_REQUESTS.labels(str(answer.status_code)).inc()
@@ -463,6 +465,32 @@ def _embed_answer(clip_id: str, clip: dict, emb: dict, version: str | None) -> J
             "video": e.video,
         }
     )
+
+
+async def _indexed_answer(
+    state: ApiState, clip_id: str, clip: dict, version: str
+) -> JSONResponse | None:
+    """The clip's embedding by ``version`` from that version's search index (`flava reembed`
+    embedded the kept clips with it), unit-normalised as indexes keep them; None if no such
+    index holds the clip."""
+    try:
+        index = await state.indexes.get(version)
+    except HTTPException:
+        return None
+    audio, video = index.vector(clip_id, "audio"), index.vector(clip_id, "video")
+    if audio is None or video is None:
+        return None
+    body = {
+        "clip_id": clip_id,
+        "status": "ready",
+        "state": clip[b"state"].decode(),
+        "model_version": index.version,
+        "source": "index",
+        "dim": len(audio),
+        "audio": audio.tolist(),
+        "video": video.tolist(),
+    }
+    return JSONResponse(body)
 
 
 def _other_version(clip_id: str, made_by: str, asked: str) -> JSONResponse:

@@ -104,6 +104,15 @@ def test_search_answers_from_the_newest_index_and_leaves_out_deleted_clips(learn
     assert len(hits) == 3 and ids[0] not in hits and set(hits) <= set(ids)
     scores = [h["score"] for h in body["hits"]]
     assert scores == sorted(scores, reverse=True)
+    live = api.get("/embed", params={"clip_id": ids[0]}).json()
+    assert live["model_version"] != version  # the learner embedded it before that version
+    by_index = api.get("/embed", params={"clip_id": ids[0], "version": version})
+    assert by_index.status_code == 200, by_index.text
+    assert (by_index.json()["source"], by_index.json()["model_version"]) == ("index", version)
+    index = vindex.VersionIndex.load(tmp_path / "index", version)
+    assert np.allclose(by_index.json()["video"], index.vector(ids[0], "video"))
+    not_there = api.get("/embed", params={"clip_id": ids[0], "version": "999.1"})
+    assert not_there.status_code == 404 and not_there.json()["status"] == "other_version"
     unknown = api.get("/search", params={"clip_id": "e" * 64})
     assert unknown.status_code == 404 and unknown.json()["detail"]["code"] == "not_indexed"
     other = api.get("/search", params={"clip_id": ids[0], "version": "999.1"})
