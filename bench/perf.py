@@ -11,6 +11,9 @@
             its own process: the profiler's memory timeline, and the peak-RSS growth).
 2b. checkpoint  one checkpoint interval with its checkpoint vs without (overhead), and a
             restart's restore + replay of that interval vs the interval (bench/perf_checkpoint.py).
+2c. windows one window of a 1-hour 720p upload, decode_clip vs the ffmpeg CLI on the same span
+            (bench/perf_windows.py; not in the default --only: its upload takes minutes to make
+            the first time; its own report: python -m bench.perf_windows).
 3. service  clips/s from POST /ingest to embedding written (real API, worker and redis-server
             processes) against the learner's own steps on the same clips, pre-decoded.
 4. ingest   POST /ingest of 1 MB clips at concurrency 8 against redis-py running the same
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.perf_checkpoint import bench_checkpoint
+from bench.perf_windows import WindowsConfig, bench_windows
 from bench.perfkit import (
     Comparison,
     Stats,
@@ -84,6 +88,8 @@ class PerfConfig:
     checkpoint: dict[str, Any] = field(
         default_factory=lambda: {"presets": ("tiny", "small"), "blocks": 4}
     )
+    # decode time per window of a long upload vs the ffmpeg CLI (bench/perf_windows.py)
+    windows: dict[str, Any] = field(default_factory=dict)  # WindowsConfig overrides
 
     @classmethod
     def quick_config(cls) -> PerfConfig:
@@ -98,7 +104,8 @@ class PerfConfig:
             "real_payload": False,
         }
         checkpoint = {"presets": ("tiny",), "blocks": 2, "every": 3, "batch": 2}
-        return cls(True, 3, 2.0, "tiny", 2, 1, 2, False, service, False, checkpoint)
+        windows = {"minutes": 0.5, "windows": 4, "reps": 1, "position_reps": 1}
+        return cls(True, 3, 2.0, "tiny", 2, 1, 2, False, service, False, checkpoint, windows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,6 +471,8 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
             comparisons += bench_step(cfg)
         if "checkpoint" in only:
             comparisons += bench_checkpoint(**cfg.checkpoint)
+        if "windows" in only:
+            comparisons += bench_windows(WindowsConfig(**cfg.windows))
         service_cfg = ServiceConfig(**{**cfg.service, "profile": cfg.profile})
         comparisons += run_service_benches(service_cfg, workdir, only)
     meta = {
@@ -483,7 +492,11 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="minimal sizes (under two minutes)")
-    p.add_argument("--only", default="decode,step,checkpoint,service,ingest,embed")
+    p.add_argument(
+        "--only",
+        default="decode,step,checkpoint,service,ingest,embed",
+        help="comma-separated benchmarks; also: windows (bench/perf_windows.py)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the worker and the API")
     p.add_argument("--checkpoint-presets", help="checkpoint bench presets, e.g. tiny,small")
     p.add_argument("--checkpoint-blocks", type=int, help="checkpoint bench ON/OFF block pairs")

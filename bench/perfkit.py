@@ -182,11 +182,17 @@ def write_json(path: Path, comparisons: list[Comparison], meta: dict[str, Any]) 
     path.write_text(json.dumps(body, indent=2, default=str) + "\n")
 
 
-def markdown(comparisons: list[Comparison], meta: dict[str, Any]) -> str:
+def markdown(
+    comparisons: list[Comparison],
+    meta: dict[str, Any],
+    title: str = "Performance benchmarks",
+    command: str | None = None,
+) -> str:
+    command = command or f"python -m bench.perf{' --quick' if meta.get('quick') else ''}"
     lines = [
-        "# Performance benchmarks",
+        f"# {title}",
         "",
-        f"Produced by `python -m bench.perf{' --quick' if meta.get('quick') else ''}` "
+        f"Produced by `{command}` "
         f"at {meta.get('started', '?')} ({meta.get('wall_s', '?')} s); {meta.get('machine', '')}.",
         "Each row measures ours and its reference in the same run; ratio = ours / reference "
         "(medians), spread = [p10-p90].",
