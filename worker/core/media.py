@@ -158,6 +158,8 @@ def _decode(
     start_s: float | None,
 ) -> Clip:
     """decode_clip without the error translation."""
+    # One open for the header, the audio and the frames: opening parses the container's index
+    # (41 ms for a 1-hour MP4, bench/results/windows/); only a failed seek opens it again.
     with open_media(data, cfg.max_pixels) as container:
         _audio_stream(container)  # refuses media without one before anything is decoded
         video = _video_stream(container)
@@ -167,11 +169,12 @@ def _decode(
             start = max(0.0, start_s)
         else:  # a header without a duration: the span starts at 0, the audio tells the length
             start = 0.0 if duration is None else _span_start(duration, cfg, train, generator)
-    waveform = _decode_waveform(data, cfg, start)
-    if duration is None:
-        duration = start + waveform.size / cfg.sample_rate
-    window = _window_at(start, duration, cfg, train, generator)
-    frames = _decode_frames(data, list(window.frame_times), cfg.frame_size, cfg.max_pixels)
+        waveform = _decode_waveform(container, data, cfg, start)
+        if duration is None:
+            duration = start + waveform.size / cfg.sample_rate
+        window = _window_at(start, duration, cfg, train, generator)
+        times = list(window.frame_times)
+        frames = _decode_frames(container, data, times, cfg.frame_size, cfg.max_pixels)
     fbank = audio_features(torch.from_numpy(waveform), cfg)
     return Clip(fbank=fbank, frames=frames, duration_s=duration)
 
@@ -213,49 +216,57 @@ def _check_limits(video: av.VideoStream, duration: float | None, cfg: MediaConfi
 # ---------------------------------------------------------------------------------------- audio
 
 
-def _decode_waveform(data: Source, cfg: MediaConfig, start_s: float = 0.0) -> np.ndarray:
-    """Mono float32 waveform at cfg.sample_rate from ``start_s`` on (s from the container start).
+def _decode_waveform(
+    container: av.container.InputContainer, data: Source, cfg: MediaConfig, start_s: float = 0.0
+) -> np.ndarray:
+    """Mono float32 waveform at cfg.sample_rate from ``start_s`` on (s from the container start),
+    from ``container`` just opened (``data`` reopens it after a failed seek).
 
     n = the samples the fbank needs, or fewer when the audio ends first. A span that starts
     later than ``AUDIO_SEEK_MIN_S`` is reached by a seek (to the packet at or before it); a seek
     that fails, lands after the span's start or decodes nothing is abandoned for a decode from
     the start, as for frames.
     """
-    samples = None
-    if start_s > AUDIO_SEEK_MIN_S:
+    if start_s <= AUDIO_SEEK_MIN_S:
+        samples = _waveform(container, cfg, start_s, seek=False)
+    else:
         try:
-            samples = _waveform(data, cfg, start_s, seek=True)
+            samples = _waveform(container, cfg, start_s, seek=True)
         except av.FFmpegError as err:
             logger.debug("audio seek to %.3f s failed (%s): decoding from the start", start_s, err)
-    if samples is None:
-        samples = _waveform(data, cfg, start_s, seek=False)
+            samples = None
+        if samples is None:
+            with open_media(data, cfg.max_pixels) as fresh:
+                samples = _waveform(fresh, cfg, start_s, seek=False)
     assert samples is not None  # without a seek nothing lands late
     return samples
 
 
-def _waveform(data: Source, cfg: MediaConfig, start_s: float, seek: bool) -> np.ndarray | None:
-    """The span's samples, after a seek when ``seek``; None if that seek landed late or on
-    nothing. Without a seek, silence is padded where the audio itself starts late."""
+def _waveform(
+    container: av.container.InputContainer, cfg: MediaConfig, start_s: float, seek: bool
+) -> np.ndarray | None:
+    """The span's samples, after a seek when ``seek`` (else from where ``container`` stands:
+    its start); None if that seek landed late or on nothing. Without a seek, silence is padded
+    where the audio itself starts late."""
     needed = num_samples_for_frames(cfg.audio_frames, cfg.sample_rate)
     rate = cfg.sample_rate
-    with open_media(data, cfg.max_pixels) as container:
-        stream = _audio_stream(container)
-        origin = _origin_s(container)
+    stream = _audio_stream(container)
+    origin = _origin_s(container)
+    if seek:
+        _seek(container, stream, origin + start_s)
+    frames = container.decode(stream)
+    first = next(frames, None)
+    if first is None:
         if seek:
-            _seek(container, stream, origin + start_s)
-        frames = container.decode(stream)
-        first = next(frames, None)
-        if first is None:
-            if seek:
-                return None
-            raise UndecodableMedia("the audio stream decoded to no samples")
-        first_time = first.time if first.time is not None else origin
-        skip = round((origin + start_s - first_time) * rate)  # < 0: audio begins after start
-        if seek and skip < 0:
-            logger.debug("audio seek landed at %.3f s, after %.3f s", first_time - origin, start_s)
             return None
-        samples = _resample_mono(itertools.chain([first], frames), rate, max(skip, 0) + needed)
-        end = _stream_end_s(stream, origin)
+        raise UndecodableMedia("the audio stream decoded to no samples")
+    first_time = first.time if first.time is not None else origin
+    skip = round((origin + start_s - first_time) * rate)  # < 0: audio begins after start
+    if seek and skip < 0:
+        logger.debug("audio seek landed at %.3f s, after %.3f s", first_time - origin, start_s)
+        return None
+    samples = _resample_mono(itertools.chain([first], frames), rate, max(skip, 0) + needed)
+    end = _stream_end_s(stream, origin)
     samples = samples[skip:] if skip >= 0 else np.pad(samples, (min(-skip, needed), 0))
     # no end in the header: what decoded is all there is (the caller derives the length)
     available = samples.size if end is None else round((end - start_s) * rate)
@@ -380,47 +391,55 @@ def frame_times(
     return list(example_window(duration_s, cfg, train=train, generator=generator).frame_times)
 
 
-def _decode_frames(data: Source, times: list[float], size: int, max_pixels: int) -> Tensor:
+def _decode_frames(
+    container: av.container.InputContainer,
+    data: Source,
+    times: list[float],
+    size: int,
+    max_pixels: int,
+) -> Tensor:
     """Frames nearest ``times`` as (len(times), 3, size, size) float32, ImageNet-normalised;
     FrameTooLarge for any decoded frame over ``max_pixels``.
 
-    Seeks to the keyframe before the first target. A seek that fails, lands after the target,
-    or leaves the decoder with no frame (no keyframe after the landing point) or an error
-    (FFmpeg's bare -1, "Operation not permitted", as Theora gives for packets out of context)
-    is abandoned: the frames are decoded again from the start, which every accepted file allows.
+    Seeks ``container`` to the keyframe before the first target. A seek that fails, lands after
+    the target, or leaves the decoder with no frame (no keyframe after the landing point) or an
+    error (FFmpeg's bare -1, "Operation not permitted", as Theora gives for packets out of
+    context) is abandoned: ``data`` is opened again and the frames are decoded from the start,
+    which every accepted file allows.
     """
     try:
-        frames = _pick_frames(data, times, size, seek=True, max_pixels=max_pixels)
+        frames = _pick_frames(container, times, size, seek=True, max_pixels=max_pixels)
     except (av.FFmpegError, UndecodableMedia) as err:  # a failed seek leaves the demuxer anywhere
         logger.debug("decoding after a seek failed (%s): decoding from the start", err)
         frames = None
     if frames is None:
-        frames = _pick_frames(data, times, size, seek=False, max_pixels=max_pixels)
+        with open_media(data, max_pixels) as fresh:
+            frames = _pick_frames(fresh, times, size, seek=False, max_pixels=max_pixels)
     assert frames is not None  # without a seek nothing lands late
     return frames
 
 
 def _pick_frames(
-    data: Source,
+    container: av.container.InputContainer,
     times: list[float],
     size: int,
     seek: bool,
     max_pixels: int = MediaConfig.max_pixels,
 ) -> Tensor | None:
-    """The frames nearest ``times``, after a seek when ``seek``; None if it landed too late."""
-    with open_media(data, max_pixels) as container:
-        stream = _video_stream(container)
-        _set_threads(stream)
-        targets = [_origin_s(container) + t for t in times]
-        if seek:
-            _seek(container, stream, targets[0])
-        step = 1 / float(stream.average_rate or 25)  # for frames without a timestamp
-        decoded = _checked(container.decode(stream), max_pixels)
-        picked, first = _nearest_frames(decoded, targets, step)
-        if seek and first > targets[0]:
-            logger.debug("seek landed at %.3f s, after %.3f s", first, targets[0])
-            return None
-        return torch.stack([_frame_tensor(frame, size) for frame in picked])
+    """The frames nearest ``times``, after a seek when ``seek`` (else from where ``container``
+    stands: its start); None if the seek landed too late."""
+    stream = _video_stream(container)
+    _set_threads(stream)
+    targets = [_origin_s(container) + t for t in times]
+    if seek:
+        _seek(container, stream, targets[0])
+    step = 1 / float(stream.average_rate or 25)  # for frames without a timestamp
+    decoded = _checked(container.decode(stream), max_pixels)
+    picked, first = _nearest_frames(decoded, targets, step)
+    if seek and first > targets[0]:
+        logger.debug("seek landed at %.3f s, after %.3f s", first, targets[0])
+        return None
+    return torch.stack([_frame_tensor(frame, size) for frame in picked])
 
 
 def _checked(frames: Iterable[av.VideoFrame], max_pixels: int) -> Iterator[av.VideoFrame]:
@@ -438,9 +457,13 @@ def _set_threads(stream: av.VideoStream) -> None:
 
 
 def _seek(container: av.container.InputContainer, stream: av.stream.Stream, target: float) -> None:
-    """Seek to the keyframe at or before ``target`` seconds; raises av.FFmpegError if it fails."""
-    if target > 0 and stream.time_base is not None:
-        container.seek(int(target / stream.time_base), stream=stream, backward=True)
+    """Seek to the keyframe at or before ``target`` seconds (the start for a target at or before
+    0, or a stream without a time base); raises av.FFmpegError if it fails. Always moves: the
+    container may have been read further already (the audio is decoded before the frames)."""
+    if stream.time_base is None:
+        container.seek(0)
+    else:
+        container.seek(int(max(target, 0.0) / stream.time_base), stream=stream, backward=True)
 
 
 def _nearest_frames(
