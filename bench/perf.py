@@ -14,6 +14,9 @@
 2c. windows one window of a 1-hour 720p upload, decode_clip vs the ffmpeg CLI on the same span
             (bench/perf_windows.py; not in the default --only: its upload takes minutes to make
             the first time; its own report: python -m bench.perf_windows).
+2d. upload  a 10-minute 720p upload through the running service: time to its first window's
+            embedding vs to every window learned (bench/perf_upload.py; not in the default
+            --only, for the same reason; its own report: python -m bench.perf_upload).
 3. service  clips/s from POST /ingest to embedding written (real API, worker and redis-server
             processes) against the learner's own steps on the same clips, pre-decoded.
 4. ingest   POST /ingest of 1 MB clips at concurrency 8 against redis-py running the same
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.perf_checkpoint import bench_checkpoint
+from bench.perf_upload import bench_upload
 from bench.perf_windows import WindowsConfig, bench_windows
 from bench.perfkit import (
     Comparison,
@@ -473,6 +477,8 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
             comparisons += bench_checkpoint(**cfg.checkpoint)
         if "windows" in only:
             comparisons += bench_windows(WindowsConfig(**cfg.windows))
+        if "upload" in only:  # a 10-minute upload through the running service
+            comparisons += bench_upload(minutes=0.5 if cfg.quick else 10.0)
         service_cfg = ServiceConfig(**{**cfg.service, "profile": cfg.profile})
         comparisons += run_service_benches(service_cfg, workdir, only)
     meta = {
@@ -495,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default="decode,step,checkpoint,service,ingest,embed",
-        help="comma-separated benchmarks; also: windows (bench/perf_windows.py)",
+        help="comma-separated benchmarks; also: windows (bench/perf_windows.py), upload"
+        " (bench/perf_upload.py)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the worker and the API")
     p.add_argument("--checkpoint-presets", help="checkpoint bench presets, e.g. tiny,small")
