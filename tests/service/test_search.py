@@ -222,3 +222,38 @@ def test_follow_appends_clips_that_land_and_moves_to_a_newer_version(
     assert vindex.complete_versions(index_dir) == [_newest(settings)]
     r = api.get("/search", params={"clip_id": ids[1]})
     assert r.status_code == 200 and r.json()["version"] == _newest(settings)
+
+
+def test_flava_search_command_against_a_real_server(
+    learned, redis_url, prefix, tmp_path, capsys, monkeypatch
+):
+    import os
+
+    from flava.cli import main
+    from flava.procs import free_port, spawn, terminate, wait_until_ready
+
+    settings, ids = learned
+    version = reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index").version
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLAVA_REDIS_URL": redis_url,
+        "FLAVA_KEY_PREFIX": prefix,
+        "FLAVA_INDEX_DIR": str(tmp_path / "index"),
+        "FLAVA_API_TOKEN": "search-token",
+    }
+    proc = spawn(
+        ["--log-level", "warning", "serve", "--port", str(port)], env, tmp_path / "api.log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(f"{url}/healthz", 180, [proc], tmp_path / "api.log")
+        monkeypatch.setenv("FLAVA_API_TOKEN", "search-token")
+        assert main(["search", "--clip-id", ids[0], "-k", "3", "--url", url]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"version {version} (exact, {CLIPS} clips indexed)")
+        assert len(out) == 4 and all(line.split()[2] in ids for line in out[1:])
+        assert main(["search", "--clip-id", "e" * 64, "--url", url]) == 1
+        assert "not_indexed" in capsys.readouterr().err
+    finally:
+        terminate(proc, timeout=30)
