@@ -109,6 +109,7 @@ class PendingDecode:
     generation: int
     submitted: float  # time.monotonic() at submit: the decode deadline counts from here
     start_s: float | None = None  # a window's span start in the upload's file
+    retried: bool = False  # this is the clip's second decode (after a crash or a timeout)
 
 
 Decode = Callable[[Source | None, MediaConfig, float | None], "Decoded | str"]
@@ -167,7 +168,8 @@ class DecodePool:
         return self._retry(pending) if outcome is None else outcome
 
     def _wait(self, pending: PendingDecode) -> Decoded | str | None:
-        """The outcome by the clip's deadline; None if its processes were lost under it."""
+        """The outcome by the clip's deadline; None if its processes were lost under it, or
+        a first decode ran past it (both are retried once)."""
         left = pending.submitted + self.timeout_s - time.monotonic()
         try:
             return pending.future.result(timeout=max(left, 0.0))
@@ -180,17 +182,26 @@ class DecodePool:
 
     def _retry(self, pending: PendingDecode) -> Decoded | str:
         """Decode a clip once more, alone on the current processes, with a fresh deadline."""
-        outcome = self._wait(self.submit(pending.blob, pending.start_s))
+        retry = self.submit(pending.blob, pending.start_s)
+        retry.retried = True
+        outcome = self._wait(retry)
         return "the decoder process crashed on this clip (twice)" if outcome is None else outcome
 
-    def _give_up(self, pending: PendingDecode) -> str:
+    def _give_up(self, pending: PendingDecode) -> str | None:
         """A decode past its deadline: stop its processes (a hung FFmpeg cannot be
-        interrupted otherwise) and start fresh ones; the batch's other clips are retried."""
+        interrupted otherwise) and start fresh ones; the batch's other clips are retried.
+
+        A first timeout is retried too (None): the niced decode processes can be starved of
+        CPU by other work on the machine, and a healthy window of a 1-hour upload was
+        dead-lettered that way (1 of 1,406, bench/results/upload/); a clip that times out
+        again, alone, is refused."""
         log.warning("a decode ran past %.0f s; restarting the decode processes", self.timeout_s)
         for process in list(getattr(self._executor, "_processes", {}).values()):
             process.kill()  # ProcessPoolExecutor offers no public way to stop a running task
         self._restart(pending.generation)
-        return f"decoding took longer than {self.timeout_s:.0f} s"
+        if not pending.retried:
+            return None
+        return f"decoding took longer than {self.timeout_s:.0f} s, also retried alone"
 
     def _restart(self, broken_generation: int) -> None:
         """Replace the executor once per breakage (many futures report the same one)."""
