@@ -184,7 +184,8 @@ def test_one_learner_with_its_checkpoint_claim(objects, compose):
     assert learner["spec"]["replicas"] == 1 and c["args"] == ["worker"]
     e = env(c)
     assert "volumeClaimTemplate" in mounts(learner)[e["FLAVA_CHECKPOINT_DIR"]]
-    assert "volumeClaimTemplate" in mounts(learner)[e["FLAVA_MODELS_DIR"]]
+    models = find(objects, "ConfigMap", "flava-env")["data"]["FLAVA_MODELS_DIR"]
+    assert "volumeClaimTemplate" in mounts(learner)[models]  # the shared settings' path
     assert e["FLAVA_CONSUMER"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # stable
     assert "FLAVA_API_TOKEN" not in e
     assert {"name": "metrics", "containerPort": int(e["FLAVA_METRICS_PORT"])} in c["ports"]
