@@ -77,7 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     _client_arguments(dead)
     dead.set_defaults(run=_dead)
 
-
     reembed = sub.add_parser(
         "reembed",
         help="embed the kept clips with one published version and write its search index",

@@ -208,7 +208,6 @@ def _add_routes(app: FastAPI) -> None:
     app.post("/model/rollback", status_code=202)(rollback_model)
 
 
-
 async def ingest(
     request: Request,
     state: State,
