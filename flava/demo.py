@@ -100,6 +100,7 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
         "FLAVA_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "FLAVA_BLOB_DIR": str(workdir / "blobs"),
         "FLAVA_INPUTS_DIR": str(workdir / "inputs"),
+        "FLAVA_MODELS_DIR": str(workdir / "models"),  # else var/models under the caller's cwd
         "FLAVA_METRICS_PORT": str(metrics_port),
         "FLAVA_BLOCK_MS": "200",
         "FLAVA_HEARTBEAT_S": "1",
