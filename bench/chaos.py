@@ -117,6 +117,7 @@ class Cluster:
             "FLAVA_CONSUMER": CONSUMER,
             "FLAVA_CHECKPOINT_DIR": str(self.ckpt_dir),
             "FLAVA_INPUTS_DIR": str(self.ckpt_dir.parent / "inputs"),
+            "FLAVA_MODELS_DIR": str(self.ckpt_dir.parent / "models"),
         }
 
     def start(self) -> None:

@@ -54,6 +54,7 @@ def test_sigterm_finishes_batch_checkpoints_and_exits_zero(tmp_path):
         "FLAVA_KEY_PREFIX": PREFIX,
         "FLAVA_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
         "FLAVA_INPUTS_DIR": str(tmp_path / "inputs"),
+        "FLAVA_MODELS_DIR": str(tmp_path / "models"),
         "FLAVA_CONSUMER": "w",
         "FLAVA_BATCH_SIZE": "4",
         "FLAVA_SHUTDOWN_GRACE_S": "60",

@@ -162,6 +162,7 @@ def stack(redis_url, prefix, tmp_path):
         "FLAVA_METRICS_PORT": str(worker_port),
         "FLAVA_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
         "FLAVA_INPUTS_DIR": str(tmp_path / "inputs"),
+        "FLAVA_MODELS_DIR": str(tmp_path / "models"),
         "FLAVA_BLOB_DIR": str(tmp_path / "blobs"),
         "FLAVA_CHECKPOINT_EVERY": "1000",
         "FLAVA_MONITOR_WINDOW": "4",
