@@ -3,7 +3,9 @@
 1. Latency: a private redis-server, ``flava serve`` and one ``flava embedder`` as real
    processes, a `tiny` model published; one client POSTs a real 2 s MP4 clip ``--requests``
    times in a row (each answered 200); p50 / p99 of the client-observed time. The learner is
-   not running: this is the query path alone (decode + model + two Redis hops + HTTP).
+   not running: this is the query path alone (decode + model + two Redis hops + HTTP). Then
+   the same while a learner (``flava worker``) trains on a stream ``flava push`` sends: the
+   embedder and the learner share the 2 cores.
 2. Batching, on pre-decoded inputs, one process, one torch thread on both sides: 16 waiting
    single-clip requests (concurrency 16) embedded as one model call of 16 (what the
    embedder's batching does when 16 requests wait) vs 16 calls of 1 (``max_batch=1``);
@@ -56,11 +58,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def latency(requests: int) -> dict:
-    """Client-observed POST /embed time, real processes, one request at a time."""
+def latency(requests: int, training: bool = False) -> dict:
+    """Client-observed POST /embed time, real processes, one request at a time; with
+    ``training``, while a learner (``flava worker``) trains on a stream ``flava push`` sends."""
     import httpx
 
-    from flava.procs import RedisProcess, free_port, spawn, terminate
+    from flava.procs import RedisProcess, free_port, spawn, terminate, wait_until_ready
 
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisProcess(Path(tmp) / "redis", appendfsync="everysec")
@@ -73,18 +76,55 @@ def latency(requests: int) -> dict:
             "FLAVA_REDIS_URL": server.url,
             "FLAVA_KEY_PREFIX": "bench",
             "FLAVA_MODELS_DIR": models,
+            "FLAVA_CHECKPOINT_DIR": str(Path(tmp) / "checkpoints"),
+            "FLAVA_INPUTS_DIR": str(Path(tmp) / "inputs"),
+            "FLAVA_PUBLISH_EVERY": "0",  # the query side keeps the one model published above
         }
         log = Path(tmp) / "procs.log"
         procs = [
             spawn(["--log-level", "warning", "serve", "--port", str(port)], env, log),
             spawn(["--log-level", "warning", "embedder"], env, log),
         ]
+        url = f"http://127.0.0.1:{port}"
         try:
-            return _timed_posts(httpx, f"http://127.0.0.1:{port}", _clip(), requests)
+            if training:
+                wait_until_ready(f"{url}/healthz", 120, procs, log)  # before push sends
+                procs.append(spawn(["--log-level", "warning", "worker"], env, log))
+                # a stream long enough to outlast the measurement: 3 segments x 400 clips
+                push = ["--log-level", "warning", "push", "--url", url, "--synthetic", "400"]
+                procs.append(spawn(push, env, log))
+                _wait_learning(server.url, timeout=300, log=log)
+            before = _updates(server.url)
+            result = _timed_posts(httpx, url, _clip(), requests)
+            if training:  # the learner really trained while the queries were answered
+                result["learner_updates_during"] = _updates(server.url) - before
+            return result
         finally:
-            for p in procs:
+            for p in reversed(procs):
                 terminate(p)
             server.stop()
+
+
+def _updates(url: str) -> int:
+    import redis
+
+    from contract import wire
+
+    client = redis.Redis.from_url(url)
+    try:
+        version = client.hget(wire.Keys("bench").model, "version")
+        return wire.ModelVersion.parse(version.decode()).updates if version else 0
+    finally:
+        client.close()
+
+
+def _wait_learning(url: str, timeout: float, log: Path) -> None:
+    """Until the learner has taken its first updates (it is training when we measure)."""
+    deadline = time.monotonic() + timeout
+    while _updates(url) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the learner did not start training:\n{log.read_text()[-3000:]}")
+        time.sleep(1.0)
 
 
 def _timed_posts(httpx, url: str, clip: bytes, requests: int) -> dict:
@@ -163,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": "tiny",
         "machine": f"{os.cpu_count()} cores",
         "latency": latency(args.requests),
+        "latency_while_training": latency(args.requests, training=True),
         "batching": batching(args.rounds),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
