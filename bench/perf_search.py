@@ -75,7 +75,7 @@ def run(cfg: SearchBenchConfig) -> dict:
                 times[side].append(time.perf_counter() - t0)
                 found[side] = {h.clip_id for h in hits}
             recalls.append(len(found["hnsw"] & found["exact"]) / cfg.k)
-        size = sum(p.stat().st_size for p in Path(tmp, "0.1").iterdir())
+        size = sum(p.stat().st_size for p in Path(tmp, "0.1").rglob("*") if p.is_file())
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "build_s": round(build_s, 1),
