@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 GROUP = "learners"
 QUERY_GROUP = "embedders"  # embedder processes share the query stream through this group
 PURPOSES = ("train", "probe")  # probe clips are embedded but never trained on
+SETTLED_STATES = ("learned", "probed", "dead")  # a clip's or an upload's final states
 TASK_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CLIP_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")  # sha256 of the bytes: a clip or an upload
 WINDOW_ID_PATTERN = re.compile(r"^[0-9a-f]{64}:[0-9]{1,7}$")  # "{upload}:{window index}"

@@ -41,7 +41,6 @@ from service.settings import ApiSettings
 if TYPE_CHECKING:
     from service.app import ApiState
 
-SETTLED = ("learned", "probed", "dead")
 PAGE_MAX = 500  # window embeddings per GET /embed?windows=true page
 
 
@@ -173,7 +172,7 @@ async def enqueue_upload(state: ApiState, upload: wire.Upload, path: Path) -> tu
     outcome, detail, epoch = (
         x.decode() for x in await state.ingest_upload_script(script_keys, args)
     )
-    if outcome == "full" or (outcome == "duplicate" and detail in SETTLED):
+    if outcome == "full" or (outcome == "duplicate" and detail in wire.SETTLED_STATES):
         await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
     return outcome, detail, epoch
 
@@ -196,7 +195,7 @@ async def upload_answer(
     for i in range(count):
         pipe.hgetall(state.keys.embedding(wire.window_id(upload_id, i)))
     embeddings = [wire.Embedding.from_fields(e) if e else None for e in await pipe.execute()]
-    settled = fields["state"] in SETTLED
+    settled = fields["state"] in wire.SETTLED_STATES
     body = {
         "clip_id": upload_id,
         "status": "ready" if settled else "pending",

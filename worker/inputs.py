@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,9 +121,17 @@ class InputStore:
             except FileNotFoundError:
                 continue
 
-    def scan(self, task: str | None = None, preset: str | None = None) -> Iterator[KeptInput]:
-        """Every kept clip (of ``task`` / ``preset`` when given), in file-name order."""
+    def scan(
+        self,
+        task: str | None = None,
+        preset: str | None = None,
+        skip: Container[str] = (),
+    ) -> Iterator[KeptInput]:
+        """Every kept clip (of ``task`` / ``preset`` when given), in file-name order; clips
+        in ``skip`` are passed over by their file name, without reading them."""
         for path in sorted(p for p, _ in self._files()):
+            if clip_id_of(path) in skip:
+                continue
             try:
                 kept = read_input(path)
             except (OSError, ValueError, KeyError) as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from contract import wire
-from contract.index import VersionIndex, append_part, prune_indexes, write_index
+from contract.index import append_part, prune_indexes, write_index
 from worker.embedder import embed_clips
 from worker.inputs import InputStore, KeptInput
 from worker.models import LoadedModel, load_model, published_versions
@@ -34,6 +34,7 @@ class ReembedResult:
     count: int
     seconds: float
     path: Path
+    ids: list[str]  # the clips indexed
 
 
 @dataclass
@@ -119,7 +120,7 @@ def full_pass(
     version = loaded.card.version
     path = write_index(index_dir, version, done.ids, done.tasks, audio, video, seconds)
     log.info("version %s: %d clips embedded and indexed in %.1f s", version, len(done.ids), seconds)
-    return ReembedResult(version, len(done.ids), seconds, path)
+    return ReembedResult(version, len(done.ids), seconds, path, done.ids)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Follower:
         if current is None or (newest != current and due):
             self.loaded = load_model(self.models_dir, newest)
             result = full_pass(self.loaded, self.inputs_dir, self.index_dir, batch=self.cfg.batch)
-            self.indexed = set(VersionIndex.load(self.index_dir, newest).ids)
+            self.indexed = set(result.ids)
             self.base_at = time.monotonic()
             prune_indexes(self.index_dir, self.cfg.keep)
             return result.count
@@ -170,9 +171,8 @@ class Follower:
     def _append(self) -> int:
         assert self.loaded is not None
         store = InputStore(Path(self.inputs_dir))
-        fresh = (
-            k for k in store.scan(preset=self.loaded.card.preset) if k.clip_id not in self.indexed
-        )
+        # already indexed clips are skipped by file name: only new files are read
+        fresh = store.scan(preset=self.loaded.card.preset, skip=self.indexed)
         done = embed_kept(self.loaded, fresh, self.cfg.batch)
         if done.ids:
             audio, video = done.arrays(self.loaded.model.cfg.dim)

@@ -19,7 +19,6 @@ from contract import wire
 from contract.windows import PARTIAL_SUFFIX, upload_path
 
 log = logging.getLogger(__name__)
-SETTLED = (b"learned", b"probed", b"dead")
 PARTIAL_MAX_AGE_S = 3600.0  # an upload still being written after an hour was abandoned
 
 
@@ -42,7 +41,7 @@ def sweep(client: redis.Redis, keys: wire.Keys, blob_dir: str | Path) -> int:
             stale = time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S
         elif wire.CLIP_ID_PATTERN.match(path.name):
             state = client.hget(keys.clip(path.name), "state")
-            stale = state is None or state in SETTLED
+            stale = state is None or wire.as_text(state) in wire.SETTLED_STATES
         else:
             continue  # not ours
         if stale:
