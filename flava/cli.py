@@ -193,6 +193,7 @@ def _pretrain(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
+    from service.http_protocol import server_options
     from service.metrics_dir import metrics_dir
     from service.settings import ApiSettings
 
@@ -202,8 +203,9 @@ def _serve(args) -> int:
     except ValueError as exc:  # pydantic's ValidationError
         print(f"flava serve: {exc}", file=sys.stderr)
         return 2
-    # past this many connections uvicorn answers 503 at once; stalled bodies are cut (408)
-    options["limit_concurrency"] = settings.limit_concurrency
+    # past limit_concurrency connections uvicorn answers 503 at once; slow heads and stalled
+    # bodies are cut (408)
+    options.update(server_options(settings))
     # N processes share their metrics through files (prometheus_client's multiprocess mode):
     # the directory is set before any of them imports prometheus_client (service.app does)
     with metrics_dir(args.workers):

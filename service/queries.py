@@ -21,6 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from contract import wire
 from service.probe import ProbeError, ProbeLimits, probe_clip
 from service.settings import ApiSettings
+from service.uploads import body_chunks
 
 if TYPE_CHECKING:
     from service.app import ApiState
@@ -49,7 +50,7 @@ def unavailable(code: str, reason: str, settings: ApiSettings) -> HTTPException:
 async def read_clips(request: Request, settings: ApiSettings) -> list[bytes]:
     """One clip (raw body or multipart `file`) or several (repeated `file` parts)."""
     content_type = request.headers.get("content-type", "application/octet-stream")
-    body = await read_capped(request, settings.query_max_bytes)
+    body = await read_capped(request, settings, settings.query_max_bytes)
     if content_type.startswith("multipart/form-data"):
         return await _from_multipart(request, body, settings)
     if not content_type.startswith(RAW_TYPES):
@@ -59,18 +60,11 @@ async def read_clips(request: Request, settings: ApiSettings) -> list[bytes]:
     return [body]
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ProbeError("too_large", f"body of {declared} bytes exceeds {limit}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProbeError("too_large", f"body exceeds {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_capped(request: Request, settings: ApiSettings, limit: int) -> bytes:
+    """Read the body: 413 as soon as it passes ``limit`` bytes, 408 if it comes too slowly
+    (the deadlines of an ingest's body, service/uploads.py)."""
+    chunks = body_chunks(request, settings, limit, "FLAVA_QUERY_MAX_BYTES")
+    return b"".join([chunk async for chunk in chunks])
 
 
 async def parse_form(request: Request, body: bytes, limit: int) -> FormData:

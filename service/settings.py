@@ -45,6 +45,8 @@ class ApiSettings(BaseSettings):
     body_idle_s: float = 10.0  # no byte of the body for this long: 408
     body_grace_s: float = 10.0  # then at least body_min_rate bytes/s on average, else 408
     body_min_rate: int = 16 * 1024
+    # ... and so must the head: request line and headers within this (service/http_protocol.py)
+    header_timeout_s: float = 10.0
     limit_concurrency: int = 1024  # connections `flava serve` holds at once (then 503)
     blob_ttl_s: int = 24 * 3600  # claim-check bytes expire if no worker ever takes them
     max_backlog: int = 2000  # accepted-but-unacked entries before /ingest answers 429
@@ -66,6 +68,8 @@ class ApiSettings(BaseSettings):
         if (self.metrics_auth or self.docs_auth) and not self.api_token:
             raise ValueError("FLAVA_METRICS_AUTH / FLAVA_DOCS_AUTH need FLAVA_API_TOKEN")
         span_s(self.preset)  # an unknown preset is refused at start, not at the first upload
+        if self.header_timeout_s <= 0:
+            raise ValueError("FLAVA_HEADER_TIMEOUT_S must be positive")
         if self.window_stride_s is not None and self.window_stride_s <= 0:
             raise ValueError("FLAVA_WINDOW_STRIDE_S must be positive")
         if self.max_upload_bytes < self.max_body_bytes:
