@@ -14,6 +14,9 @@ embedded:
 - the same embeddings of the last few evaluations are kept with the version that made them
   (``CompatibilityTracker``): cross-version R@1, current-version queries against the gallery
   embedded ``lag`` evaluations earlier (``compat_lags``), and its ratio to same-version R@1;
+- each drift report's per-modality z-score (MMD^2 against its permutation null) feeds a
+  Page-Hinkley test (``ChangeDetector``): a rise is a change point, counted
+  (``flava_drift_change_points_total``, Grafana's annotations) and kept in the summary;
 - Prometheus gauges are set (``worker.telemetry``), and a JSON summary is written to
   ``Keys.monitor`` for the demo and operators.
 
@@ -36,7 +39,8 @@ re-posted probe is a duplicate, so the checkpoint is the only copy of the probe 
   last ``max(compat_lags) + 1`` evaluations: with the default lags (1, 2, 4) 5 x P x D x 2
   values per window, at 64 probes 240 KiB at tiny (D 192), 960 KiB at base (D 768);
 - the drift windows (float32 embeddings and input statistics, 2 x ``drift.window`` rows per
-  series) and the last drift report, the current window and the counters.
+  series), the permutations' generator state and the last drift report, the Page-Hinkley
+  tests and the last change points, the current window and the counters.
 
 A restored monitor exports its gauges and reports the same figures as before the restart.
 """
@@ -57,6 +61,7 @@ from torch import Tensor
 
 from contract import wire
 from worker import telemetry
+from worker.core.changepoint import ChangeDetector, PageHinkleyConfig
 from worker.core.learner import Batch, Learner
 from worker.core.media import Clip
 from worker.core.monitors import (
@@ -88,6 +93,7 @@ class MonitorConfig:
     """How the stream monitor windows, keeps probes and evaluates (see WorkerSettings)."""
 
     drift: DriftConfig = field(default_factory=DriftConfig)
+    change: PageHinkleyConfig = field(default_factory=PageHinkleyConfig)  # on drift z-scores
     rereference: bool = False  # restart the drift reference when the train task changes
     probes_per_window: int = 64  # held-out clips kept per window
     max_windows: int = 8  # windows tracked at once; the oldest is dropped
@@ -110,9 +116,17 @@ class MonitorConfig:
 
     @classmethod
     def from_settings(cls, s: WorkerSettings) -> MonitorConfig:
-        drift = DriftConfig(window=s.monitor_window, min_samples=max(2, s.monitor_window // 4))
+        drift = DriftConfig(
+            window=s.monitor_window,
+            min_samples=max(2, s.monitor_window // 4),
+            alpha=s.monitor_drift_alpha,
+            permutations=s.monitor_drift_permutations,
+            seed=s.seed,
+        )
+        change = PageHinkleyConfig(s.monitor_change_delta, s.monitor_change_threshold)
         return cls(
             drift=drift,
+            change=change,
             rereference=s.monitor_rereference,
             probes_per_window=s.monitor_probes_per_window,
             max_windows=s.monitor_max_windows,
@@ -204,6 +218,8 @@ class StreamMonitor:
         self.client = client
         self.keys = keys or wire.Keys()
         self.drift = DriftMonitor(cfg.drift)
+        self.changes = ChangeDetector(cfg.change)
+        _declare_change_series()
         self.tracker = ForgettingTracker()
         self.compat = CompatibilityTracker(cfg.compat_lags)
         self.windows: OrderedDict[str, Window] = OrderedDict()
@@ -223,15 +239,18 @@ class StreamMonitor:
         version: str,
     ) -> None:
         """Feed one embedded batch (row i of emb_a/emb_v (B, D) is clips[i]); maybe evaluate."""
-        self.observe(entries, clips, emb_a, emb_v)
+        report = self.observe(entries, clips, emb_a, emb_v)
+        if report is not None:
+            self._detect_changes(report, step, version)
         if self.due(step):
             self.evaluate(step, version)
         self.publish(step, version)
 
     def observe(
         self, entries: list[wire.ClipEntry], clips: list[Clip], emb_a: Tensor, emb_v: Tensor
-    ) -> None:
+    ) -> DriftReport | None:
         """Training clips -> drift and the current window; probe clips -> their window.
+        The drift report these clips made, if any.
 
         Clips whose embedding is not finite (the worker dead-letters them) are ignored.
         """
@@ -239,12 +258,14 @@ class StreamMonitor:
         train = [i for i, e in enumerate(entries) if e.purpose == "train" and finite[i]]
         for i in train:
             self._enter(self._train_window(entries[i]))
+        report = None
         if train:
-            self._update_drift([clips[i] for i in train], emb_a[train], emb_v[train])
+            report = self._update_drift([clips[i] for i in train], emb_a[train], emb_v[train])
         for entry, clip, ok in zip(entries, clips, finite, strict=True):
             if entry.purpose == "probe" and ok:
                 self._keep_probe(entry, clip)
         telemetry.MONITOR_WINDOWS.set(len(self.windows))
+        return report
 
     def _train_window(self, entry: wire.ClipEntry) -> str:
         if entry.task:
@@ -257,10 +278,11 @@ class StreamMonitor:
         """Make ``name`` the current window (re-referencing drift if so configured)."""
         if name != self.current and self.current is not None and self.cfg.rereference:
             self.drift.rereference()
+            self.changes.restart()  # the z-scores start again from a new reference
         self.current = name
         self._window(name).trained = True
 
-    def _update_drift(self, clips: list[Clip], emb_a: Tensor, emb_v: Tensor) -> None:
+    def _update_drift(self, clips: list[Clip], emb_a: Tensor, emb_v: Tensor) -> DriftReport | None:
         fbank = torch.stack([c.fbank for c in clips])
         frames = torch.stack([c.frames for c in clips])
         inputs = {"loudness": clip_loudness(fbank), "brightness": clip_brightness(frames)}
@@ -273,6 +295,20 @@ class StreamMonitor:
             self.last_report = report
             self._window(self.current).drift = report.as_dict()
             _export_drift(report)
+        return report
+
+    def _detect_changes(self, report: DriftReport, step: int, version: str) -> None:
+        """Feed each modality's drift z-score to its Page-Hinkley test; export what it finds."""
+        zscores = {m: d.zscore for m, d in report.modalities.items() if d.zscore is not None}
+        for change in self.changes.update(zscores, step, version, time.time()):
+            telemetry.DRIFT_CHANGE_POINTS.labels(change.series).inc()
+            telemetry.DRIFT_LAST_CHANGE.labels(change.series).set(change.at)
+            log.info(
+                "drift change point: %s z-score rose to %.1f",
+                change.series,
+                change.value,
+                extra={"step": step, "version": version, "modality": change.series},
+            )
 
     def _keep_probe(self, entry: wire.ClipEntry, clip: Clip) -> None:
         name = entry.task or self.current or "clips-0"
@@ -388,6 +424,7 @@ class StreamMonitor:
             "tracker": self.tracker.state_dict(),
             "compat": self.compat.state_dict(),
             "drift": self.drift.state_dict(),
+            "changes": self.changes.state_dict(),
             "last_report": self.last_report.as_dict() if self.last_report else None,
             "current": self.current,
             "untagged_clips": self.untagged_clips,
@@ -402,6 +439,8 @@ class StreamMonitor:
         kept = state.get("compat", {})  # none in checkpoints older than cross-version figures
         self.compat.load_state_dict({n: h for n, h in kept.items() if n in self.windows})
         self.drift.load_state_dict(state["drift"])
+        if "changes" in state:  # absent from checkpoints older than the change-point test
+            self.changes.load_state_dict(state["changes"])
         report = state["last_report"]
         self.last_report = DriftReport.from_dict(report) if report else None
         self.current = state["current"]
@@ -433,6 +472,9 @@ class StreamMonitor:
         telemetry.DRIFT_WINDOW_CLIPS.labels("recent").set(recent_n)
         if self.last_report is not None:
             _export_drift(self.last_report)
+        for modality, change in self.changes.last().items():
+            telemetry.DRIFT_LAST_CHANGE.labels(modality).set(change.at)
+        _declare_change_series()
 
     # ---- summary ---------------------------------------------------------------------------
     def summary(self, step: int, version: str) -> dict:
@@ -446,6 +488,7 @@ class StreamMonitor:
             "current_window": self.current,
             "last_evaluation_step": self.last_eval_step,
             "drift": self.last_report.as_dict() if self.last_report else None,
+            "change_points": self._change_summary(),
             "windows": {
                 name: {
                     "probes": len(w.probes),
@@ -462,6 +505,14 @@ class StreamMonitor:
                 "definition": CROSS_VERSION_DEFINITION,
             },
             "recon": "masked MSE, audio + video, fixed masks" if self.cfg.recon else "off",
+        }
+
+    def _change_summary(self) -> dict:
+        """Counts and the last change points of the drift z-scores, with the test's knobs."""
+        return {
+            "test": {"page_hinkley": asdict(self.cfg.change), "series": "drift z-score"},
+            "counts": dict(self.changes.counts),
+            "recent": [asdict(c) for c in self.changes.recent],
         }
 
     def publish(self, step: int, version: str) -> None:
@@ -485,10 +536,21 @@ def _export_drift(report: DriftReport) -> None:
     for modality, drift in report.modalities.items():
         telemetry.DRIFT_MMD2.labels(modality).set(drift.mmd2)
         telemetry.DRIFT_MEAN_SHIFT.labels(modality).set(drift.mean_shift)
+        if drift.pvalue is not None:  # None: a report restored from before the test
+            threshold = math.inf if drift.threshold is None else drift.threshold
+            telemetry.DRIFT_MMD2_THRESHOLD.labels(modality).set(threshold)
+            telemetry.DRIFT_PVALUE.labels(modality).set(drift.pvalue)
+            telemetry.DRIFT_ZSCORE.labels(modality).set(drift.zscore or 0.0)
     for name, stat in report.inputs.items():
         telemetry.DRIFT_INPUT_ZSCORE.labels(name).set(stat.zscore)
     telemetry.INPUT_LOUDNESS.set(report.inputs["loudness"].recent)
     telemetry.INPUT_BRIGHTNESS.set(report.inputs["brightness"].recent)
+
+
+def _declare_change_series() -> None:
+    """The change-point counters exist (at 0) from the start, so rate() and panels see them."""
+    for modality in ("audio", "video"):
+        telemetry.DRIFT_CHANGE_POINTS.labels(modality)
 
 
 def _remove_window_series(name: str, ks: tuple[int, ...], lags: tuple[int, ...]) -> None:

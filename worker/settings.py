@@ -77,6 +77,13 @@ class WorkerSettings(BaseSettings):
     # drift and forgetting monitors (worker.monitoring)
     monitor_window: int = 64  # drift: clips in the reference window and in the recent window
     monitor_rereference: bool = False  # drift reference restarts when the train task changes
+    # "drifted" (FlavaDrift) when nothing drifted: at most this often per test (permutation
+    # test of MMD^2, alpha shared by the modalities); permutations per test
+    monitor_drift_alpha: float = Field(default=0.01, gt=0.0, lt=1.0)
+    monitor_drift_permutations: int = Field(default=999, ge=99)
+    # Page-Hinkley on the drift z-score: tolerated rise, and lambda (worker/core/changepoint.py)
+    monitor_change_delta: float = Field(default=1.0, ge=0.0)
+    monitor_change_threshold: float = Field(default=40.0, gt=0.0)
     monitor_probes_per_window: int = 64  # held-out probe clips kept per window (float16)
     monitor_max_windows: int = 8  # windows tracked (bounds label cardinality); oldest dropped
     monitor_count_window: int = 500  # untagged training clips per count-based window

@@ -80,6 +80,30 @@ DRIFT_MEAN_SHIFT = Gauge(
     "Distance between recent and reference mean embeddings, in standard deviations",
     ["modality"],
 )
+DRIFT_MMD2_THRESHOLD = Gauge(
+    "flava_drift_mmd2_threshold",
+    "MMD^2 above which the permutation test says drifted (false-alarm rate "
+    "FLAVA_MONITOR_DRIFT_ALPHA over the modalities); +Inf: unreachable",
+    ["modality"],
+)
+DRIFT_PVALUE = Gauge(
+    "flava_drift_pvalue", "Permutation p-value of the MMD^2 of recent vs reference", ["modality"]
+)
+DRIFT_ZSCORE = Gauge(
+    "flava_drift_zscore",
+    "MMD^2 in standard deviations of its permutation null (the change-point test's series)",
+    ["modality"],
+)
+DRIFT_CHANGE_POINTS = Counter(
+    "flava_drift_change_points_total",
+    "Rises of the drift z-score signalled by the Page-Hinkley test",
+    ["modality"],
+)
+DRIFT_LAST_CHANGE = Gauge(
+    "flava_drift_last_change_point_timestamp_seconds",
+    "Unix time of the last drift change point (0: none yet)",
+    ["modality"],
+)
 DRIFT_INPUT_ZSCORE = Gauge(
     "flava_drift_input_zscore",
     "Recent minus reference mean of an input statistic, in reference standard deviations",

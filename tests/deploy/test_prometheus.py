@@ -105,6 +105,11 @@ def test_every_metric_a_dashboard_queries_is_defined_by_a_process():
         for title, expr in expressions(dashboard):
             for name in re.findall(r"\bflava_\w+", expr):
                 assert name in defined, f"{title}: {name} is not defined"
+        for note in dashboard["annotations"]["list"]:  # drift change points, among others
+            for name in re.findall(r"\bflava_\w+", note.get("expr", "")):
+                assert name in defined, f"annotation {note['name']}: {name} is not defined"
+        notes = [n.get("expr", "") for n in dashboard["annotations"]["list"]]
+        assert any("flava_drift_change_points_total" in e for e in notes)
         # compatible spaces: the cross-version ratio per window and lag is on the dashboard
         assert any(
             "flava_cross_version_relative_ratio" in e and "lag" in e and "window" in e

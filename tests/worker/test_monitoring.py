@@ -399,3 +399,35 @@ def test_state_holds_float16_probes_within_the_caps(learner, media):
     smaller.load_state_dict(state)  # settings shrank since the save: cut, first probes kept
     assert [len(w.probes) for w in smaller.windows.values()] == [2, 2]
     assert smaller.windows[f"w2-{tag}"].probes.ids == state["windows"][1]["ids"][:2]
+
+
+def test_a_shift_of_the_embeddings_is_a_change_point_counted_exported_and_summarised(
+    learner, media
+):
+    """Batches of 4 clips; their audio embeddings N(0, I) in 16 dimensions, shifted by 2 from
+    step 21 on (the monitor's input, not the model's: the clips and the monitor are real)."""
+    w0, _ = names()
+    cfg = monitor_cfg(drift=DriftConfig(window=16, min_samples=4, permutations=199))
+    monitor = StreamMonitor(cfg, learner)
+    items = media["train0"][:4]
+    clips, g = [c for _, c in items], torch.Generator().manual_seed(0)
+    counted = {m: gauge("flava_drift_change_points_total", modality=m) for m in ("audio", "video")}
+    assert None not in counted.values()  # the counters exist before any change point
+    for step in range(1, 41):
+        emb_a = torch.randn(4, 16, generator=g) + (2.0 if step > 20 else 0.0)
+        emb_v = torch.randn(4, 16, generator=g)
+        monitor.after_batch(entries_of(items, w0, "train"), clips, emb_a, emb_v, step, f"1.{step}")
+    found = monitor.changes.recent
+    assert [c.series for c in found] == ["audio"] and 21 <= found[0].step <= 26, found
+    assert found[0].version == f"1.{found[0].step}"
+    assert gauge("flava_drift_change_points_total", modality="audio") == counted["audio"] + 1
+    assert gauge("flava_drift_change_points_total", modality="video") == counted["video"]
+    assert gauge("flava_drift_last_change_point_timestamp_seconds", modality="audio") == found[0].at
+    audio = monitor.last_report.modalities["audio"]
+    assert audio.drifted and audio.mmd2 > audio.threshold and audio.pvalue == 1 / 200
+    assert gauge("flava_drift_mmd2_threshold", modality="audio") == audio.threshold
+    assert gauge("flava_drift_pvalue", modality="audio") == audio.pvalue
+    summary = json.loads(json.dumps(monitor.summary(40, "1.40")))
+    assert summary["change_points"]["counts"] == {"audio": 1}
+    assert summary["change_points"]["recent"][0]["step"] == found[0].step
+    assert summary["drift"]["alpha"] == 0.01 and summary["drift"]["modalities"]["audio"]["drifted"]

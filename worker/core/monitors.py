@@ -14,6 +14,13 @@ The reference window holds the first ``window`` clips seen (or the first after
 seen after it. Embeddings are those computed when each clip arrived, so embedding drift
 mixes input drift with the model's own change; the input statistics see input drift only.
 
+Each modality's MMD^2 comes with a decision: a permutation test (worker/core/mmd.py) gives
+its p-value and the threshold it must exceed, at level ``alpha / modalities`` each, so that
+"some modality drifted" is a false alarm with probability at most ``alpha`` when the two
+windows come from one distribution (Bonferroni over the modalities). Its z-score against the
+permutation null (scale-free, whatever the embedding width) is the series the worker's
+change-point test watches (worker/core/changepoint.py).
+
 Forgetting: ``ForgettingTracker`` keeps, per window (task), the history of retrieval
 recall on that window's held-out probes (R@K in percent, as ``recall_at_k``) and their
 reconstruction loss; forgetting = best-so-far minus current (docs/design.md section 5).
@@ -32,6 +39,7 @@ them across restarts and a restored monitor reports the same figures.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
@@ -42,53 +50,12 @@ from torch import Tensor
 
 from worker.core.learner import Batch, Learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
+from worker.core.mmd import mmd2_permutation_test
 from worker.core.model import ModelConfig, random_split
 from worker.core.retrieval import recall_against, recall_at_k
 
 # ---------------------------------------------------------------------------------------
-# two-sample statistics
-
-
-def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """(N, D), (M, D) -> (N, M) squared Euclidean distances, clamped at 0."""
-    d = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.t()
-    return d.clamp_min(0.0)
-
-
-def median_bandwidth(z: Tensor) -> float:
-    """Median of the pairwise squared distances between distinct rows of z (K, D).
-
-    The RBF bandwidth h of the median heuristic: k(a, b) = exp(-||a - b||^2 / h).
-    A degenerate sample (all rows equal) gives 1.0, so the kernel stays defined.
-    """
-    d = squared_distances(z, z)
-    off = d[~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)]
-    h = float(off.median()) if off.numel() else 0.0
-    return h if h > 1e-12 else 1.0
-
-
-def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
-    """Unbiased MMD^2 between samples x (N, D) and y (M, D) with an RBF kernel.
-
-    k(a, b) = exp(-||a - b||^2 / h), h = ``bandwidth`` or the median pairwise squared
-    distance over the pooled sample [x; y] (median heuristic). The estimator is the
-    U-statistic (diagonals excluded): mean k(x, x') + mean k(y, y') - 2 mean k(x, y).
-    It is about 0 for samples of one distribution (it can dip slightly below 0) and
-    grows towards 2 as they separate. Needs N, M >= 2.
-    """
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"need (N, D) and (M, D) samples, got {tuple(x.shape)}, {tuple(y.shape)}")
-    n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError(f"unbiased MMD^2 needs at least 2 rows per sample, got {n} and {m}")
-    x, y = x.detach().double().cpu(), y.detach().double().cpu()
-    h = bandwidth if bandwidth is not None else median_bandwidth(torch.cat([x, y]))
-    kxx = torch.exp(-squared_distances(x, x) / h)
-    kyy = torch.exp(-squared_distances(y, y) / h)
-    kxy = torch.exp(-squared_distances(x, y) / h)
-    within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-    within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(within_x + within_y - 2.0 * kxy.mean())
+# two-sample statistics (MMD^2 and its permutation test: worker/core/mmd.py)
 
 
 def mean_shift(x: Tensor, y: Tensor, normalise: bool = True) -> float:
@@ -134,21 +101,34 @@ def clip_brightness(frames: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """Window sizes of the drift monitor (small: it runs on every batch)."""
+    """Window sizes and the drift decision of the drift monitor (it runs on every batch)."""
 
     window: int = 64  # clips in the reference window and in the recent window
     min_samples: int = 8  # report once both windows hold at least this many (>= 2)
     normalise_shift: bool = True  # mean shift in standard deviations (see mean_shift)
+    # false-alarm rate of "drifted" over all modalities when nothing drifted (module doc)
+    alpha: float = 0.01
+    # relabellings drawn per test: the p-value's resolution is 1 / (permutations + 1), and
+    # at 999 and windows of 64, 6 to 14 ms per modality per batch (docs/operations.md)
+    permutations: int = 999
+    seed: int = 0  # of the permutations (a torch.Generator), so a run repeats exactly
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_samples <= self.window:
             raise ValueError(f"need 2 <= min_samples <= window, got {self}")
+        if not 0 < self.alpha < 1 or self.permutations < 1:
+            raise ValueError(f"need 0 < alpha < 1 and permutations >= 1, got {self}")
 
 
 @dataclass
 class ModalityDrift:
     mmd2: float  # unbiased MMD^2, RBF kernel, median bandwidth
     mean_shift: float  # distance of the window means (in std units when normalised)
+    # the permutation test at level alpha / modalities (None in reports saved before it)
+    pvalue: float | None = None
+    threshold: float | None = None  # drifted <=> mmd2 > threshold; None: unreachable
+    zscore: float | None = None  # (mmd2 - null mean) / null std
+    drifted: bool | None = None
 
 
 @dataclass
@@ -166,6 +146,12 @@ class DriftReport:
     inputs: dict[str, InputDrift]
     reference_size: int
     recent_size: int
+    alpha: float | None = None  # false-alarm rate of ``drifted`` (None: saved before it)
+
+    @property
+    def drifted(self) -> bool:
+        """Whether some modality's test rejected "same distribution"."""
+        return any(m.drifted for m in self.modalities.values())
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -178,6 +164,7 @@ class DriftReport:
             {name: InputDrift(**i) for name, i in d["inputs"].items()},
             int(d["reference_size"]),
             int(d["recent_size"]),
+            d.get("alpha"),
         )
 
 
@@ -232,6 +219,7 @@ class DriftMonitor:
         self.cfg = cfg or DriftConfig()
         self.embeddings: dict[str, _Windows] = {}
         self.inputs: dict[str, _Windows] = {}
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
 
     def update(self, embeddings: dict[str, Tensor], inputs: dict[str, Tensor]) -> None:
         for name, rows in embeddings.items():
@@ -258,23 +246,36 @@ class DriftMonitor:
             {name: _input_drift(*w.tensors()) for name, w in self.inputs.items()},
             ref_n,
             recent_n,
+            self.cfg.alpha,
         )
 
-    def state_dict(self) -> dict[str, dict[str, dict[str, Tensor]]]:
-        """The windows of every series: {"embeddings"|"inputs": {name: _Windows state}}."""
+    def state_dict(self) -> dict:
+        """The windows of every series, {"embeddings"|"inputs": {name: _Windows state}}, and
+        "permutations": the state (uint8 tensor) of the generator the tests draw from."""
         return {
             "embeddings": {n: w.state_dict() for n, w in self.embeddings.items()},
             "inputs": {n: w.state_dict() for n, w in self.inputs.items()},
+            "permutations": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.embeddings = _load_windows(state["embeddings"], self.cfg.window)
         self.inputs = _load_windows(state["inputs"], self.cfg.window)
+        if "permutations" in state:  # absent from checkpoints older than the test
+            self.generator.set_state(state["permutations"])
+
+    @property
+    def level(self) -> float:
+        """Each modality's test level: ``alpha`` shared among the modalities tracked."""
+        return self.cfg.alpha / max(1, len(self.embeddings))
 
     def _modality(self, windows: _Windows) -> ModalityDrift:
         ref, recent = windows.tensors()
         shift = mean_shift(ref, recent, self.cfg.normalise_shift)
-        return ModalityDrift(mmd2_rbf(ref, recent), shift)
+        test = mmd2_permutation_test(ref, recent, self.level, self.cfg.permutations, self.generator)
+        threshold = test.threshold if math.isfinite(test.threshold) else None
+        drifted = threshold is not None and test.mmd2 > threshold
+        return ModalityDrift(test.mmd2, shift, test.pvalue, threshold, test.zscore, drifted)
 
 
 def _load_windows(states: dict[str, dict[str, Tensor]], size: int) -> dict[str, _Windows]:
