@@ -6,7 +6,9 @@
 - ``scheme://user:password@host`` becomes ``scheme://user:***@host`` (``FLAVA_REDIS_URL``
   with a password, say);
 - the value of every environment variable whose name says it is secret (``FLAVA_API_TOKEN``,
-  ``*_PASSWORD``, ``*_SECRET``...) and of every password in an environment URL becomes ``***``.
+  ``*_PASSWORD``, ``*_SECRET``...) and of every password in an environment URL becomes ``***``;
+  so do the same in the config file ``FLAVA_CONFIG`` names (``api_token = "..."``, a
+  ``redis_url`` with a password; contract/config.py).
 
 ``flava`` installs it first thing (flava/cli.py), and so does ``create_app`` (the processes of
 ``flava serve --workers N`` do not run the CLI). A record's message and its arguments are
@@ -19,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+from contract.config import ConfigFileError, config_path, read_config
 
 MASK = "***"
 # scheme://[user]:password@  (the password: anything up to the @ that ends the userinfo)
@@ -29,12 +33,38 @@ _FORMATTER = logging.Formatter()
 _MIN_SECRET = 6  # shorter values (a flag, "true") would mask parts of ordinary lines
 
 
-def secrets_from_env(environ: dict[str, str] | os._Environ) -> list[str]:
-    """The secret values of an environment: secret-named variables and URL passwords."""
-    found = {value for name, value in environ.items() if _SECRET_NAME.search(name.upper())}
-    for value in environ.values():
-        found.update(m["pw"] for m in _URL_PASSWORD.finditer(value))
+def is_secret_name(name: str) -> bool:
+    """Whether a variable, setting or config key of this name holds a secret."""
+    return bool(_SECRET_NAME.search(name.upper()))
+
+
+def secrets_from_env(environ: Mapping[str, str]) -> list[str]:
+    """The secret values of an environment and of the config file it names: secret-named
+    variables (keys) and URL passwords, longest first."""
+    found = _secrets_of(environ)
+    try:
+        found |= _secrets_of(_flat(read_config(config_path(environ))))
+    except ConfigFileError:
+        pass  # the process's settings refuse to start with it, and say why
     return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def _secrets_of(values: Mapping[str, object]) -> set[str]:
+    found = {str(v) for name, v in values.items() if is_secret_name(name) and v}
+    for value in values.values():
+        found.update(m["pw"] for m in _URL_PASSWORD.finditer(str(value)))
+    return found
+
+
+def _flat(config: Mapping[str, object]) -> dict[str, object]:
+    """A config file's keys and its tables' keys, in one mapping (``table.key`` for those)."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -45,7 +75,7 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     return text
 
 
-def install(environ: dict[str, str] | os._Environ | None = None) -> None:
+def install(environ: Mapping[str, str] | None = None) -> None:
     """Redact every log record this process makes from now on (idempotent: the secrets are
     re-read from the environment at each call)."""
     secrets = secrets_from_env(os.environ if environ is None else environ)

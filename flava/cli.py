@@ -17,10 +17,8 @@ from flava.procs import idle_openmp_threads_sleep  # before any subcommand impor
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     idle_openmp_threads_sleep()
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if not _configure_logs(args):
+        return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     from contract.redact import install as redact_logs
 
@@ -28,9 +26,31 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args) or 0
 
 
+def _configure_logs(args: argparse.Namespace) -> bool:
+    """JSON lines or text (contract/logs.py): the flags, else FLAVA_LOG_*, else the config file.
+    Sets args.log_level / args.log_format to what was chosen; False if the file is unusable."""
+    from contract.logs import LogSettings, configure
+
+    given = {"level": args.log_level, "format": args.log_format}
+    try:
+        settings = LogSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # a missing or malformed FLAVA_CONFIG, or a bad value
+        print(f"flava: {exc}", file=sys.stderr)
+        return False
+    args.log_level = settings.level
+    args.log_format = configure(settings.level, settings.format)
+    return True
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flava", description=__doc__)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None, help="default: FLAVA_LOG_LEVEL, else info")
+    p.add_argument(
+        "--log-format",
+        choices=("auto", "json", "text"),
+        default=None,
+        help="JSON lines or text; auto: text at a terminal (default: FLAVA_LOG_FORMAT, else auto)",
+    )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP API (settings from FLAVA_* env)")
@@ -51,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         "embedder", help="answer POST /embed from published models (settings from FLAVA_* env)"
     )
     embedder.set_defaults(run=_embedder)
+
+    config = sub.add_parser("config", help="the settings (FLAVA_CONFIG file + FLAVA_* env)")
+    config_sub = config.add_subparsers(required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="every process's effective settings, masked")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_config_show)
 
     embed = sub.add_parser("embed", help="embed clip files without learning them (POST /embed)")
     embed.add_argument("files", nargs="+", type=Path)
@@ -193,11 +219,17 @@ def _pretrain(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
+    from contract.logs import uvicorn_log_config
     from service.http_protocol import server_options
     from service.metrics_dir import metrics_dir
     from service.settings import ApiSettings
 
-    options = {"host": args.host, "port": args.port, "log_level": args.log_level.lower()}
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level.lower(),
+        "log_config": uvicorn_log_config(args.log_level, args.log_format),
+    }
     try:  # refused before anything listens: production without a token, limits that clash
         settings = ApiSettings()
     except ValueError as exc:  # pydantic's ValidationError
@@ -223,6 +255,12 @@ def _worker(args) -> int:
 
     run_worker()
     return 0
+
+
+def _config_show(args) -> int:
+    from flava.config_show import show
+
+    return show(args.json)
 
 
 def _embedder(args) -> int:

@@ -1,21 +1,24 @@
-"""API settings, read from the environment with the ``FLAVA_`` prefix."""
+"""API settings, read from the environment with the ``FLAVA_`` prefix, and below it from the
+config file at ``FLAVA_CONFIG`` (its top level and its ``[api]`` table; contract/config.py)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from contract.config import FileSettings
 from contract.windows import span_s
 from contract.wire import IngestLimits
 from service.probe import ProbeLimits
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(FileSettings):
     """Everything the API process needs; ``FLAVA_REDIS_URL`` etc. override each field."""
 
     model_config = SettingsConfigDict(env_prefix="FLAVA_", extra="ignore")
+    config_table = "api"
 
     environment: Literal["dev", "production"] = "dev"
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -128,10 +128,10 @@ class ModelPublisher:
             self._prune()
         except (OSError, redis.RedisError) as exc:
             telemetry.MODELS_PUBLISHED.labels("failed").inc()
-            log.error("model %s not published: %r", card.version, exc)
+            log.error("model %s not published: %r", card.version, exc, extra=_fields(card))
             return
         telemetry.MODELS_PUBLISHED.labels("written").inc()
-        log.info("model %s published", card.version)
+        log.info("model %s published", card.version, extra=_fields(card))
 
     def _register(self, card: wire.ModelCard) -> None:
         """List the version, with the monitors' summary of that time (if the worker has one)."""
@@ -149,6 +149,11 @@ class ModelPublisher:
         listed = {wire.as_text(x) for x in self.redis.hkeys(self.keys.models)}
         if listed - kept:
             self.redis.hdel(self.keys.models, *sorted(listed - kept))
+
+
+def _fields(card: wire.ModelCard) -> dict[str, object]:
+    """The log fields of a published model (contract/logs.py)."""
+    return {"version": card.version, "step": card.step}
 
 
 @dataclass(frozen=True)

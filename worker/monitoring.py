@@ -373,7 +373,12 @@ class StreamMonitor:
         self.last_eval_step = step
         telemetry.MONITOR_SECONDS.observe(time.perf_counter() - started)
         telemetry.MONITOR_EVALUATIONS.inc()
-        log.info("forgetting evaluation at step %d over %d windows", step, len(results))
+        log.info(
+            "forgetting evaluation at step %d over %d windows",
+            step,
+            len(results),
+            extra={"step": step, "version": version},
+        )
         return results
 
     def past_windows(self) -> set[str]:

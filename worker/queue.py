@@ -267,7 +267,9 @@ class ClipQueue:
     def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Move an entry to the dead-letter stream with its reason, then ack it."""
         cid = delivery.entry.clip_id
-        log.warning("dead-lettering clip %s: %s", cid[:12], reason)
+        log.warning(
+            "dead-lettering clip %s: %s", cid[:12], reason, extra={"clip_id": cid, "reason": reason}
+        )
         acked = self._dead(
             keys=[
                 self.keys.stream,

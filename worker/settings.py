@@ -1,4 +1,5 @@
-"""Worker settings, read from the environment with the ``FLAVA_`` prefix."""
+"""Worker settings, read from the environment with the ``FLAVA_`` prefix, and below it from the
+config file at ``FLAVA_CONFIG`` (top level, ``[worker]`` / ``[embedder]``; contract/config.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import socket
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from contract.config import FileSettings
 
 
 def _default_consumer() -> str:
@@ -15,10 +18,11 @@ def _default_consumer() -> str:
     return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(FileSettings):
     """Everything the learner process needs; ``FLAVA_METHOD=er`` etc. override each field."""
 
     model_config = SettingsConfigDict(env_prefix="FLAVA_", extra="ignore")
+    config_table = "worker"
 
     environment: Literal["dev", "production"] = "dev"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -111,12 +115,13 @@ def _default_embedder() -> str:
     return f"{_default_consumer()}-{os.getpid()}"  # several embedders may share a host
 
 
-class EmbedderSettings(BaseSettings):
+class EmbedderSettings(FileSettings):
     """The embedder process (worker/embedder.py): answers queries, never learns."""
 
     model_config = SettingsConfigDict(
         env_prefix="FLAVA_EMBEDDER_", extra="ignore", populate_by_name=True
     )
+    config_table = "embedder"
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="FLAVA_REDIS_URL")
     key_prefix: str = Field("flava", validation_alias="FLAVA_KEY_PREFIX")
