@@ -23,6 +23,13 @@ whole or not at all.
 Search: cosine similarity per part, exact (one matrix-vector product) or approximate (faiss
 HNSW, ``HNSW_M`` links, ``EF_SEARCH`` candidates; bench/perf_search.py measures recall@10
 against exact search at 100,000 vectors), the parts' best merged.
+
+Deleting: a clip deleted after an index was made (DELETE /clips) keeps its row in the
+index's files until the next full pass (which no longer finds its kept inputs). The API
+records a **tombstone** (``{p}:deleted`` in Redis, the clip id scored by the deletion time)
+and leaves out of every search, and of ``vector``, the tombstones of clips deleted since the
+index's full pass began (``made_at - seconds``, less a margin for clocks); older tombstones
+are dropped once every index was made after them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +85,18 @@ def complete_versions(index_dir: str | Path) -> list[str]:
         return []
     found = [p.name for p in folder.iterdir() if (p / "meta.json").exists()]
     return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def pass_starts(index_dir: str | Path) -> list[float]:
+    """When the full pass of each complete index began (unix s; its meta's made_at - seconds)."""
+    starts = []
+    for version in complete_versions(index_dir):
+        try:
+            meta = json.loads((version_dir(index_dir, version) / "meta.json").read_text())
+        except FileNotFoundError:  # pruned since it was listed
+            continue
+        starts.append(float(meta["made_at"]) - float(meta.get("seconds", 0.0)))
+    return starts
 
 
 def prune_indexes(index_dir: str | Path, keep: int) -> list[str]:
@@ -240,6 +260,7 @@ class VersionIndex:
     parts: list[Part]
     made_at: float = 0.0
     updated_at: float = 0.0
+    seconds: float = 0.0  # the full pass's length: clips deleted during it may be in part 0
     _rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (part, row)
 
     @classmethod
@@ -255,6 +276,7 @@ class VersionIndex:
         if meta["made_at"] != self.made_at:  # rewritten by a full pass: start over
             self.parts, self._rows = [], {}
         self.made_at, self.updated_at = meta["made_at"], meta["updated_at"]
+        self.seconds = float(meta.get("seconds", 0.0))
         added = False
         for number in range(len(self.parts), int(meta["parts"])):
             part = Part.load(folder / _part_name(number))
@@ -262,6 +284,11 @@ class VersionIndex:
             self.parts.append(part)
             added = True
         return added
+
+    @property
+    def pass_started(self) -> float:
+        """When the full pass that made this index began (unix s)."""
+        return self.made_at - self.seconds
 
     @property
     def ids(self) -> list[str]:
@@ -289,16 +316,22 @@ class VersionIndex:
         gallery: str,
         k: int,
         exact: bool = False,
-        exclude: str | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Hit]:
         """The ``k`` clips whose ``gallery`` vectors are nearest ``query`` by cosine, over
-        every part (each part's best, merged)."""
+        every part (each part's best, merged), none of ``exclude`` (the query itself,
+        tombstones of deleted clips): each part is asked for as many more as it holds of
+        them, so ``k`` are found whenever the index has them."""
         q = unit_rows(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        want = k + (exclude is not None)
+        left_out = {cid for cid in exclude if cid in self._rows}
         found = [
             Hit(part.ids[row], part.tasks[row], score)
-            for part in self.parts
-            for row, score in part.search(q, gallery, want, exact)
+            for number, part in enumerate(self.parts)
+            for row, score in part.search(q, gallery, k + self._held(number, left_out), exact)
         ]
         found.sort(key=lambda h: h.score, reverse=True)
-        return [h for h in found if h.clip_id != exclude][:k]
+        return [h for h in found if h.clip_id not in left_out][:k]
+
+    def _held(self, number: int, clip_ids: set[str]) -> int:
+        """How many of ``clip_ids`` part ``number`` holds."""
+        return sum(self._rows[cid][0] == number for cid in clip_ids)

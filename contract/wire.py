@@ -40,6 +40,8 @@ Layout (prefix ``flava`` by default):
                            ``rollback_id``/``rollback_version``/``rollback_requested_at``
                            while a rollback waits, ``rollback_result`` (JSON, the last one's
                            outcome). The worker reads it every iteration (:class:`Control`)
+- ``{p}:deleted``          sorted set: clip id -> when DELETE /clips removed it; search leaves
+                           these out of the indexes made before (contract/index.py: tombstones)
 
 A clip is published (embedding written, state ``embedded``) right after the update that
 included it, and acked (state ``learned``) only once that update is in a durable checkpoint
@@ -119,6 +121,10 @@ class Keys:
     @property
     def queries(self) -> str:
         return f"{self.prefix}:queries"
+
+    @property
+    def deleted(self) -> str:
+        return f"{self.prefix}:deleted"
 
     @property
     def embedders(self) -> str:

@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -102,7 +102,8 @@ async def require_token(state: State, credentials: Credentials) -> None:
         return
     given = credentials.credentials if credentials is not None else ""
     if not hmac.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        detail = {"code": "unauthorized", "reason": "missing or wrong bearer token"}
+        raise HTTPException(401, detail, {"WWW-Authenticate": "Bearer"})
 
 
 async def require_metrics_token(state: State, credentials: Credentials) -> None:
@@ -185,27 +186,113 @@ def _add_docs_behind_token(app: FastAPI) -> None:
     app.get("/docs", include_in_schema=False)(docs)
 
 
+ERROR_TEXT = {
+    400: "the body is empty or malformed",
+    401: "missing or wrong bearer token (FLAVA_API_TOKEN)",
+    404: "not found: `code` says what",
+    408: "the body or the headers came too slowly",
+    409: "not possible in the current state: `code` says why",
+    413: "the body is too large",
+    415: "not a readable clip, or a content type or format refused",
+    422: "a parameter out of its pattern or bounds, or a clip refused: `code` says why",
+    429: "the backlog is full; retry after Retry-After",
+    503: "Redis or the embedders cannot answer now; retry after Retry-After",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's error statuses: ErrorBody (422: InvalidBody)."""
+    return {
+        status: {
+            "model": schemas.InvalidBody if status == 422 else schemas.ErrorBody,
+            "description": ERROR_TEXT[status],
+        }
+        for status in statuses
+    }
+
+
+def answers(model: Any, *statuses: int, text: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses``: more statuses answered with a route's own model."""
+    return {status: {"model": model, "description": text} for status in statuses}
+
+
+UPLOAD_ERRORS = (400, 401, 408, 413, 415, 422, 503)  # a body read and probed, then Redis
+METRICS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+}
+
+
 def _add_routes(app: FastAPI) -> None:
-    app.post("/ingest", status_code=202, openapi_extra=INGEST_OPENAPI)(ingest)
-    app.get("/embed")(embed)
-    app.post("/embed", response_model=schemas.QueryAnswer, openapi_extra=QUERY_OPENAPI)(embed_query)
-    app.get("/models", response_model=schemas.ModelList)(models)
-    app.delete("/clips/{clip_id}", response_model=schemas.ClipDeleted)(delete_clip)
-    app.get("/search", response_model=schemas.SearchAnswer)(search_by_clip)
-    app.post("/search", response_model=schemas.SearchAnswer, openapi_extra=SEARCH_OPENAPI)(
-        search_by_upload
-    )
-    app.get("/healthz")(healthz)
-    app.get("/readyz")(readyz)
-    app.get("/metrics", dependencies=[Depends(require_metrics_token)])(metrics_endpoint)
-    # management (docs/operations.md): what the learner does, and the operator's levers
-    app.get("/model")(model_state)
-    app.get("/monitor")(monitor_summary)
-    app.get("/dead")(dead_letters)
-    app.post("/dead/{clip_id}/retry", status_code=202)(retry_dead)
-    app.post("/model/pause", status_code=202)(pause_model)
-    app.post("/model/resume", status_code=202)(resume_model)
-    app.post("/model/rollback", status_code=202)(rollback_model)
+    s = schemas
+    app.post(
+        "/ingest",
+        status_code=202,
+        response_model=s.Ingested,
+        responses=answers(s.Ingested, 200, text="duplicate: these bytes are already held")
+        | errors(*UPLOAD_ERRORS, 429),
+        openapi_extra=INGEST_OPENAPI,
+    )(ingest)
+    app.get(
+        "/embed",
+        response_model=s.ClipAnswer,
+        responses=answers(s.ClipAnswer, 202, 404, 410, text="pending; unknown; dead or reset")
+        | errors(401, 422, 503),
+    )(embed)
+    app.post(
+        "/embed",
+        response_model=s.QueryAnswer,
+        responses=errors(*UPLOAD_ERRORS, 404),
+        openapi_extra=QUERY_OPENAPI,
+    )(embed_query)
+    app.get("/models", response_model=s.ModelList, responses=errors(401, 503))(models)
+    app.delete(
+        "/clips/{clip_id}",
+        response_model=s.ClipDeleted | s.UploadDeleted,
+        responses=errors(401, 404, 422, 503),
+    )(delete_clip)
+    search_errors = errors(401, 404, 422, 503)
+    app.get("/search", response_model=s.SearchAnswer, responses=search_errors)(search_by_clip)
+    app.post(
+        "/search",
+        response_model=s.SearchAnswer,
+        responses=errors(*UPLOAD_ERRORS, 404),
+        openapi_extra=SEARCH_OPENAPI,
+    )(search_by_upload)
+    app.get("/healthz", response_model=s.Health)(healthz)
+    not_ready: dict[int | str, dict[str, Any]] = {
+        503: {"model": s.Readiness | s.ErrorBody, "description": "not ready"}
+    }
+    app.get("/readyz", response_model=s.Readiness, responses=not_ready)(readyz)
+    app.get(
+        "/metrics",
+        dependencies=[Depends(require_metrics_token)],
+        response_class=Response,
+        responses=METRICS_TEXT | errors(401),
+    )(metrics_endpoint)
+    _add_management_routes(app)
+
+
+def _add_management_routes(app: FastAPI) -> None:
+    """What the learner does, and the operator's levers (docs/operations.md)."""
+    s, state_errors = schemas, errors(401, 404, 503)
+    app.get("/model", response_model=s.ModelState, responses=state_errors)(model_state)
+    app.get("/monitor", response_model=dict[str, Any], responses=state_errors)(monitor_summary)
+    app.get("/dead", response_model=s.DeadLetters, responses=errors(401, 422, 503))(dead_letters)
+    app.post(
+        "/dead/{clip_id}/retry",
+        status_code=202,
+        response_model=s.Requeued,
+        responses=errors(401, 404, 409, 422, 429, 503),
+    )(retry_dead)
+    lever_errors = errors(401, 503)
+    for path, route in (("/model/pause", pause_model), ("/model/resume", resume_model)):
+        app.post(path, status_code=202, response_model=s.PauseAnswer, responses=lever_errors)(route)
+    app.post(
+        "/model/rollback",
+        status_code=202,
+        response_model=s.RollbackAnswer,
+        responses=errors(401, 404, 409, 422, 503),
+    )(rollback_model)
 
 
 async def ingest(
@@ -529,16 +616,22 @@ async def delete_clip(
     _: Authorized,
     clip_id: Annotated[str, Path(pattern=wire.CLIP_ID_PATTERN.pattern)],
 ) -> JSONResponse:
-    """Delete a clip's bytes, embedding and state (and its queue entry if still queued);
-    what the model already learned from it stays in the weights. An upload goes with all
-    its windows and its file."""
+    """Delete a clip's bytes, kept inputs, embedding, state and search index entries (and its
+    queue entry if still queued); what the model already learned from it stays in the
+    weights. An upload goes with all its windows and its file."""
     upload = await state.redis.hgetall(state.keys.clip(clip_id))
-    if b"windows" in upload:
-        count = int(upload[b"windows"])
-        await _remove_inputs(state, [wire.window_id(clip_id, i) for i in range(count)])
-        return await uploads.delete_upload(state, clip_id, upload)
-    await _remove_inputs(state, [clip_id])
-    return await queries.delete_clip(state, clip_id)
+    windows = int(upload.get(b"windows", 0))
+    clip_ids = [wire.window_id(clip_id, i) for i in range(windows)] or [clip_id]
+    await search.bury(state.redis, state.keys, clip_ids)  # out of search before it is gone
+    await _remove_inputs(state, clip_ids)
+    if windows:
+        answer = await uploads.delete_upload(state, clip_id, upload)
+    else:
+        answer = await queries.delete_clip(state, clip_id)
+    if answer.status_code == 404:
+        await search.unbury(state.redis, state.keys, clip_ids)
+    await search.prune_tombstones(state.redis, state.keys, state.settings.index_dir)
+    return answer
 
 
 async def _remove_inputs(state: ApiState, clip_ids: list[str]) -> None:
@@ -620,9 +713,11 @@ async def search_by_clip(
     version's space: the version asked or the newest with a complete index (`flava reembed`).
     `direction` a2v: the clip's audio against the others' video (v2a, a2a, v2v alike)."""
     index = await state.indexes.get(version)
+    deleted = await search.tombstones(state.redis, state.keys, index)
+    if clip_id in deleted:
+        raise search.not_indexed(index, clip_id, "it was deleted (DELETE /clips)")
     query = search.by_clip(index, clip_id, direction)
-    answer = await search.run(index, query, direction, k, exact, exclude=clip_id)
-    return await search.drop_deleted(state.redis, state.keys, answer)
+    return await search.run(index, query, direction, k, exact, exclude=deleted | {clip_id})
 
 
 async def search_by_upload(
@@ -649,8 +744,9 @@ async def search_by_upload(
     reply = await queries.ask(state, clips, index.version)
     if reply.status != "ok":
         return queries.answer(reply)
-    answer = await search.run(index, search.query_vector(reply, direction), direction, k, exact)
-    return await search.drop_deleted(state.redis, state.keys, answer)
+    deleted = await search.tombstones(state.redis, state.keys, index)
+    query = search.query_vector(reply, direction)
+    return await search.run(index, query, direction, k, exact, exclude=deleted)
 
 
 # ---- management ----------------------------------------------------------------------------

@@ -129,6 +129,8 @@ async def request_rollback(state, version: str) -> dict:
 
 async def dead_letters(state, before: str | None, limit: int) -> dict:
     """A page of dead letters, newest first: ``before`` is the ``next`` of the page before."""
+    if before is not None:
+        _check_cursor(before)
     if before is not None and _first_id(before):
         rows = []  # nothing comes before the first possible id (Redis refuses "(0-0")
     else:
@@ -153,6 +155,18 @@ async def dead_letters(state, before: str | None, limit: int) -> dict:
         letter["retryable"] = letter["state"] == "dead" and bytes_kept
     total = await state.redis.xlen(state.keys.dead)
     return {"total": total, "letters": letters, "next": letters[-1]["id"] if more else None}
+
+
+STREAM_ID_MAX = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
+
+
+def _check_cursor(entry_id: str) -> None:
+    """422 for a cursor that fits the pattern but is no stream id (a half past 2^64 - 1):
+    Redis would refuse it with an error the API would answer 500."""
+    ms, _, seq = entry_id.partition("-")
+    if int(ms) > STREAM_ID_MAX or int(seq) > STREAM_ID_MAX:
+        reason = f"`before` must be a stream id: two numbers up to {STREAM_ID_MAX}"
+        raise HTTPException(422, {"code": "bad_cursor", "reason": reason})
 
 
 def _first_id(entry_id: str) -> bool:

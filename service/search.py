@@ -11,6 +11,7 @@ The API loads indexes itself (numpy + faiss, no torch), the newest few kept in m
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import anyio
@@ -70,11 +71,8 @@ def by_clip(index: vindex.VersionIndex, clip_id: str, direction: str) -> np.ndar
     query_modality = vindex.DIRECTIONS[direction][0]
     vector = index.vector(clip_id, query_modality)
     if vector is None:
-        reason = (
-            f"clip {clip_id[:12]} is not in the index of version {index.version} (it came "
-            f"after the index was made, or its inputs were not kept): run `flava reembed`"
-        )
-        raise HTTPException(404, {"code": "not_indexed", "reason": reason})
+        why = "it came after the index was made, or its inputs were not kept: `flava reembed`"
+        raise not_indexed(index, clip_id, why)
     return vector
 
 
@@ -84,7 +82,7 @@ async def run(
     direction: str,
     k: int,
     exact: bool,
-    exclude: str | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> dict:
     """Search off the event loop and shape the answer."""
     gallery = vindex.DIRECTIONS[direction][1]
@@ -101,16 +99,43 @@ async def run(
     }
 
 
-async def drop_deleted(redis, keys: wire.Keys, answer: dict) -> dict:
-    """Leave out hits whose clip was deleted since the index was made (DELETE /clips removes
-    the clip's state; the index files are rewritten only by the next `flava reembed`)."""
-    hits = answer["hits"]
-    pipe = redis.pipeline(transaction=False)
-    for hit in hits:
-        pipe.exists(keys.clip(hit["clip_id"]))
-    alive = await pipe.execute() if hits else []
-    answer["hits"] = [h for h, a in zip(hits, alive, strict=True) if a]
-    return answer
+# A tombstone applies to the indexes whose full pass began after it, less this: the API's and
+# the indexer's clocks may differ
+CLOCK_MARGIN_S = 600.0
+# ... and is kept at least this long: a pass under way (not yet listed) may hold the clip
+TOMBSTONE_MIN_AGE_S = 24 * 3600.0
+
+
+async def tombstones(redis, keys: wire.Keys, index: vindex.VersionIndex) -> frozenset[str]:
+    """Clips deleted (DELETE /clips) since ``index``'s full pass began: their rows may still
+    be in its files, and search leaves them out."""
+    since = index.pass_started - CLOCK_MARGIN_S
+    deleted = await redis.zrangebyscore(keys.deleted, since, "+inf")
+    return frozenset(wire.as_text(cid) for cid in deleted)
+
+
+async def bury(redis, keys: wire.Keys, clip_ids: list[str]) -> None:
+    """Tombstones for clips being deleted (before they are: a search never sees one alive)."""
+    now = time.time()
+    await redis.zadd(keys.deleted, {cid: now for cid in clip_ids})
+
+
+async def unbury(redis, keys: wire.Keys, clip_ids: list[str]) -> None:
+    """Take back the tombstones of a delete that found nothing."""
+    await redis.zrem(keys.deleted, *clip_ids)
+
+
+async def prune_tombstones(redis, keys: wire.Keys, index_dir: str) -> int:
+    """Drop the tombstones older than every index's pass (those were made without the clips)
+    and than TOMBSTONE_MIN_AGE_S; -> how many were dropped."""
+    starts = await anyio.to_thread.run_sync(vindex.pass_starts, index_dir)
+    cutoff = min([s - CLOCK_MARGIN_S for s in starts] + [time.time() - TOMBSTONE_MIN_AGE_S])
+    return await redis.zremrangebyscore(keys.deleted, "-inf", f"({cutoff}")
+
+
+def not_indexed(index: vindex.VersionIndex, clip_id: str, why: str) -> HTTPException:
+    reason = f"clip {clip_id[:12]} is not in the index of version {index.version}: {why}"
+    return HTTPException(404, {"code": "not_indexed", "reason": reason})
 
 
 def query_vector(reply: wire.QueryReply, direction: str) -> np.ndarray:

@@ -40,7 +40,7 @@ def test_exact_search_ranks_by_cosine_and_leaves_out_the_query(tmp_path):
     assert [h.clip_id for h in hits] == [ids[i] for i in expected]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert hits[0].score == pytest.approx(float(video[expected[0]] @ audio[3]), abs=1e-5)
-    self_hits = index.search(audio[3], "audio", 5, exclude=ids[3])
+    self_hits = index.search(audio[3], "audio", 5, exclude={ids[3]})
     assert ids[3] not in [h.clip_id for h in self_hits] and len(self_hits) == 5
 
 

@@ -4,6 +4,7 @@ model and an embedder: one version's space end to end."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -121,6 +122,37 @@ def test_search_answers_from_the_newest_index_and_leaves_out_deleted_clips(learn
     again = api.get("/search", params={"clip_id": ids[0], "direction": "a2v", "k": 5})
     assert hits[0] not in [h["clip_id"] for h in again.json()["hits"]]
     assert not vindex.input_path(settings.inputs_dir, hits[0]).exists()  # not indexed again
+
+
+def test_a_deleted_clip_leaves_search_at_once_though_its_row_stays_in_the_files(
+    learned, api, redis_url, prefix, tmp_path
+):
+    """DELETE /clips tombstones the clip: searches still find k others (not k minus the
+    deleted), it is no longer a query, and its tombstone is dropped once no index can hold
+    it; before, hits were filtered after the search and the deleted clip stayed a query."""
+    settings, ids = learned
+    version = reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index").version
+    params = {"clip_id": ids[0], "direction": "a2v", "exact": True}
+    before = [h["clip_id"] for h in api.get("/search", params={**params, "k": 4}).json()["hits"]]
+    gone = before[0]
+    assert api.delete(f"/clips/{gone}").status_code == 200
+    assert gone in vindex.VersionIndex.load(tmp_path / "index", version).ids  # still on disk
+    after = api.get("/search", params={**params, "k": 3}).json()["hits"]
+    assert [h["clip_id"] for h in after] == before[1:]
+    as_query = api.get("/search", params={"clip_id": gone})
+    assert as_query.status_code == 404 and "deleted" in as_query.json()["detail"]["reason"]
+    client, keys = redis.Redis.from_url(redis_url), wire.Keys(prefix)
+    assert api.delete(f"/clips/{'e' * 64}").status_code == 404
+    assert client.zscore(keys.deleted, "e" * 64) is None  # a delete that found nothing
+    # the next full pass is made without it; an old tombstone goes at the next delete
+    reembed(settings.models_dir, settings.inputs_dir, tmp_path / "index")
+    assert gone not in vindex.VersionIndex.load(tmp_path / "index", version).ids
+    client.zadd(keys.deleted, {"f" * 64: time.time() - 2 * 24 * 3600})
+    other = next(cid for cid in ids[1:] if cid != gone)
+    assert api.delete(f"/clips/{other}").status_code == 200
+    assert client.zscore(keys.deleted, "f" * 64) is None
+    assert client.zscore(keys.deleted, gone) is not None  # within the clocks' margin
+    client.close()
 
 
 def test_post_search_embeds_the_query_with_the_index_version(
