@@ -150,7 +150,7 @@ def test_redis_keeps_composes_settings_on_a_claim(objects, compose):
     policy = find(objects, "NetworkPolicy", "redis")
     (rule,) = policy["spec"]["ingress"]
     allowed = rule["from"][0]["podSelector"]["matchExpressions"][0]["values"]
-    assert sorted(allowed) == ["api", "learner"]
+    assert sorted(allowed) == ["api", "embedder", "learner"]  # the indexer needs no Redis
 
 
 def test_the_api_probes_token_workers_and_autoscaler(objects):
@@ -185,7 +185,7 @@ def test_one_learner_with_its_checkpoint_claim(objects, compose):
     e = env(c)
     assert "volumeClaimTemplate" in mounts(learner)[e["FLAVA_CHECKPOINT_DIR"]]
     models = find(objects, "ConfigMap", "flava-env")["data"]["FLAVA_MODELS_DIR"]
-    assert "volumeClaimTemplate" in mounts(learner)[models]  # the shared settings' path
+    assert mounts(learner)[models]["persistentVolumeClaim"]["claimName"] == "flava-models"
     assert e["FLAVA_CONSUMER"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # stable
     assert "FLAVA_API_TOKEN" not in e
     assert {"name": "metrics", "containerPort": int(e["FLAVA_METRICS_PORT"])} in c["ports"]
@@ -334,3 +334,69 @@ def test_grafana_mounts_composes_provisioning(objects, compose):
     )
     host, port = re.match(r"http://([^:]+):(\d+)$", source["datasources"][0]["url"]).groups()
     assert find(objects, "Service", host)["spec"]["ports"][0]["port"] == int(port)
+
+
+def _claims(workload: dict) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (claim name, mounted read-only) for its PersistentVolumeClaim mounts."""
+    spec = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out = {}
+    for m in container(workload)["volumeMounts"]:
+        claim = volumes.get(m["name"], {}).get("persistentVolumeClaim")
+        if claim:
+            out[m["mountPath"]] = (claim["claimName"], m.get("readOnly", False))
+    return out
+
+
+def _compose_mounts(compose: dict, service: str) -> dict[str, bool]:
+    """mountPath -> read-only, for a compose service's named volumes."""
+    out = {}
+    for entry in compose["services"][service]["volumes"]:
+        source, target, *mode = entry.split(":")
+        if not source.startswith("."):
+            out[target] = mode == ["ro"]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("service", "workload"), [("embedder", "flava-embedder"), ("indexer", "flava-indexer")]
+)
+def test_embedder_and_indexer_run_composes_command_on_its_volumes(
+    objects, compose, service, workload
+):
+    """Each role as compose runs it: its command, and every volume compose gives it on a
+    ReadWriteMany claim at the same path, read-only where compose mounts it so."""
+    w = find(objects, "Deployment", workload)
+    c = container(w)
+    assert c["args"] == compose["services"][service]["command"]
+    assert c["envFrom"] == [{"configMapRef": {"name": "flava-env"}}]
+    assert "FLAVA_API_TOKEN" not in env(c)  # neither serves HTTP
+    claims = _claims(w)
+    assert set(claims) == set(_compose_mounts(compose, service))
+    for path, read_only in _compose_mounts(compose, service).items():
+        claim, mounted_ro = claims[path]
+        assert mounted_ro == read_only, (workload, path)
+        assert find(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == [
+            "ReadWriteMany"
+        ]
+    policy = find(objects, "NetworkPolicy", workload)
+    assert policy["spec"]["ingress"] == []  # nothing connects to either
+
+
+def test_the_shared_claims_tie_writers_to_readers(objects):
+    """models: the learner writes, embedders and indexer read; index: the indexer writes,
+    the API reads; inputs: the learner writes, the indexer reads, the API deletes."""
+    env_ = shared_env(objects)
+    by_name = {w["metadata"]["name"]: _claims(w) for w in workloads(objects)}
+    expected = {
+        "FLAVA_MODELS_DIR": {"flava-learner": False, "flava-embedder": True, "flava-indexer": True},
+        "FLAVA_INDEX_DIR": {"flava-indexer": False, "flava-api": True},
+        "FLAVA_INPUTS_DIR": {"flava-learner": False, "flava-indexer": True, "flava-api": False},
+    }
+    for setting, users in expected.items():
+        path = env_[setting]
+        mounted = {name: claims[path] for name, claims in by_name.items() if path in claims}
+        assert {n: ro for n, (_, ro) in mounted.items()} == users, setting
+        assert len({claim for claim, _ in mounted.values()}) == 1, setting
+    indexer = find(objects, "Deployment", "flava-indexer")
+    assert indexer["spec"]["replicas"] == 1 and indexer["spec"]["strategy"]["type"] == "Recreate"
