@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     worker = sub.add_parser("worker", help="run the online learner (settings from FLAVA_* env)")
+    worker.add_argument(
+        "--nproc", type=int, default=1, help="ranks of one learner (torchrun; docs/distributed.md)"
+    )
+    worker.add_argument("--max-restarts", type=int, default=10, help="torchrun's, with --nproc")
     worker.set_defaults(run=_worker)
 
     embedder = sub.add_parser(
@@ -251,10 +256,19 @@ def _serve(args) -> int:
 
 
 def _worker(args) -> int:
+    if args.nproc > 1:  # this process becomes torchrun, which starts `flava worker` N times
+        os.execv(sys.executable, torchrun_argv(args.nproc, args.max_restarts))
     from worker.main import run_worker
 
     run_worker()
     return 0
+
+
+def torchrun_argv(nproc: int, max_restarts: int) -> list[str]:
+    """One machine's rank group: a restart of every rank after any rank fails."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    group = ["--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts)]
+    return [*launcher, *group, "-m", "flava", "worker"]
 
 
 def _config_show(args) -> int:

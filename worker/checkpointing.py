@@ -10,6 +10,10 @@ Policy (:class:`CheckpointPolicy`): after ``every_updates`` updates, after ``eve
 seconds with clips waiting, or as soon as the stream goes idle with clips waiting, whichever
 comes first. A failed write (disk full, unwritable directory) keeps the clips waiting,
 stops acking, raises ``flava_checkpoint_failing`` and is retried every ``retry_s``.
+
+In a rank group (worker/ranks.py) every rank checkpoints at the same versions and its acks
+are held (``hold_acks``) until every rank's checkpoint of the version is durable
+(``release``): a restart restores the newest version all ranks hold.
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ class Checkpointer:
         self.updates_since = 0
         self.error = ""  # why the last write failed; "" once one succeeds
         self._last = time.monotonic()  # last snapshot (or failed attempt)
+        self.durable = -1  # version_key of the newest durable snapshot; -1: none yet
+        self.hold_acks = False  # a rank group's: ack only what ``release`` allows
+        self.held: list[CheckpointJob] = []  # durable here, not yet on every rank
 
     # ---- what the loop tells it ---------------------------------------------------------
     def record(self, delivery: Delivery, state: str, trained: bool) -> None:
@@ -115,6 +122,7 @@ class Checkpointer:
     def holds(self, clip_id: str) -> bool:
         """Whether ``clip_id`` was published by this process and waits for a checkpoint."""
         waiting = self.tail.settles + (self.in_flight.settles if self.in_flight else [])
+        waiting += [item for job in self.held for item in job.settles]
         return any(d.entry.clip_id == clip_id for d, _ in waiting)
 
     def updated(self) -> None:
@@ -123,11 +131,13 @@ class Checkpointer:
     @property
     def waiting(self) -> int:
         """Clips published and not yet acked (in the tail or in the write in flight)."""
-        return len(self.tail) + (len(self.in_flight.settles) if self.in_flight else 0)
+        held = sum(len(job.settles) for job in self.held)
+        return len(self.tail) + (len(self.in_flight.settles) if self.in_flight else 0) + held
 
     def forget_tail(self) -> None:
         """After Redis lost its data the held entries are gone: nothing left to ack."""
         self.tail = Tail()
+        self.held = []
         if self.in_flight is not None:
             self.in_flight.settles.clear()
 
@@ -154,13 +164,36 @@ class Checkpointer:
     def tick(self, snapshot: Callable[[], tuple[str, dict]], idle: bool) -> None:
         """Ack what became durable; start a checkpoint if one is due and none is in flight."""
         self._settle(wait=False)
+        if self.due(idle):
+            self._start(*snapshot())
+
+    def collect(self) -> None:
+        """Take in a write that finished (ack its clips, or hold them); never waits."""
+        self._settle(wait=False)
+
+    def due(self, idle: bool) -> bool:
+        """Whether the policy asks for a checkpoint now (none in flight, no retry pending)."""
         if self.in_flight is not None:
-            return
+            return False
         since = time.monotonic() - self._last
         if self.error and since < self.policy.retry_s:
-            return
-        if self.policy.due(self.updates_since, len(self.tail), since, idle):
+            return False
+        return self.policy.due(self.updates_since, len(self.tail), since, idle)
+
+    def start_now(self, snapshot: Callable[[], tuple[str, dict]]) -> None:
+        """A checkpoint of the current version, after the one in flight (a rank group's
+        agreed checkpoint); nothing to write when nothing changed since the last."""
+        self._settle(wait=True)
+        if len(self.tail) or self.updates_since:
             self._start(*snapshot())
+
+    def release(self, upto: int) -> None:
+        """Ack the held snapshots of versions up to ``upto`` (a version_key): every rank
+        has a durable checkpoint of ``upto`` (docs/distributed.md)."""
+        ready = [job for job in self.held if version_key(job.segment.version) <= upto]
+        self.held = [job for job in self.held if job not in ready]
+        for job in ready:
+            self._ack(job.settles)
 
     def wait(self) -> None:
         """Wait for the checkpoint in flight (if any) and ack what it made durable."""
@@ -215,7 +248,11 @@ class Checkpointer:
         telemetry.CHECKPOINT_FAILING.set(0)
         telemetry.DURABLE_VERSION.set(int(job.segment.version.split(".")[1]))
         log.info("checkpoint %s durable in %.2f s", job.name, job.seconds)
-        self._ack(job.settles)
+        self.durable = version_key(job.segment.version)
+        if self.hold_acks:
+            self.held.append(job)
+        else:
+            self._ack(job.settles)
 
     def _failed(self, job: CheckpointJob) -> None:
         """Keep the job's clips waiting (in front of newer ones); the next try writes all."""
@@ -234,6 +271,12 @@ class Checkpointer:
             telemetry.CLIPS.labels(state).inc()  # learned | probed: counted once durable
             telemetry.LEARNED_SECONDS.observe(max(0.0, now - d.entry.received_at))
         telemetry.UNACKED.set(self.waiting)
+
+
+def version_key(version: str) -> int:
+    """ "G.N" -> one integer ordered as versions are (N < 10**10, as in checkpoint names)."""
+    generation, updates = (int(x) for x in version.split("."))
+    return generation * 10**10 + updates
 
 
 def _free(directory: Path) -> str:

@@ -11,6 +11,7 @@ import redis
 from prometheus_client import start_http_server
 
 from worker.lease import LeaseTaken
+from worker.ranks import RankGroup, RankWorker
 from worker.runner import Worker
 from worker.settings import WorkerSettings
 
@@ -43,7 +44,12 @@ def _give_up(grace_s: float) -> None:
 
 
 def run_worker(settings: WorkerSettings | None = None) -> None:
+    """A plain learner, or one rank of a group when torchrun started the process."""
     settings = settings or WorkerSettings()
+    group = RankGroup.from_environment()
+    if group is not None:  # docs/distributed.md
+        settings = group.settings_for(settings)
+        group.join(settings.device)
     stop = threading.Event()
     install_signal_handlers(stop, settings.shutdown_grace_s)
     if settings.metrics_port:
@@ -57,9 +63,17 @@ def run_worker(settings: WorkerSettings | None = None) -> None:
         settings.redis_url,
     )
     try:
-        Worker(settings, client).run(stop)
+        worker = Worker(settings, client) if group is None else RankWorker(settings, client, group)
+        worker.run(stop)
     except LeaseTaken as exc:  # a clear refusal, not a traceback
         log.error("not starting: %s", exc)
         raise SystemExit(2) from None
     finally:
         client.close()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m worker.main: as `flava worker`
+    import importlib
+    import sys
+
+    sys.exit(importlib.import_module("flava.cli").main(["worker", *sys.argv[1:]]))

@@ -227,22 +227,26 @@ class Worker:
 
     def iterate(self) -> BatchReport | None:
         try:
-            if self._obey_control():  # paused: no batch taken, acks and heartbeats go on
-                return None
-            fetched, self._ahead = self._ahead or self._fetch(self.settings.block_ms), None
-            report = self.process(fetched) if fetched.deliveries else None
-            if report is None:
-                self.monitor.catch_up(self.counters.step, self.version)
-            self.checkpoints.tick(self._snapshot, idle=report is None)
-            self._remove_finished_uploads()
-            if report is None and self.inputs is not None:
-                self.inputs.maybe_sweep()  # retention, when the stream is idle
-            self.heartbeat()
+            return self._iteration()
         except RedisError as exc:
             if transient(exc) or lost_group(exc):
                 self._ahead = None  # its entries stay pending and are re-read with the rest
                 self.queue.reread_pending()  # what was delivered before the fault comes first
             raise
+
+    def _iteration(self) -> BatchReport | None:
+        """Obey the operator, learn a batch (or wait for one), checkpoint when due."""
+        if self._obey_control():  # paused: no batch taken, acks and heartbeats go on
+            return None
+        fetched, self._ahead = self._ahead or self._fetch(self.settings.block_ms), None
+        report = self.process(fetched) if fetched.deliveries else None
+        if report is None:
+            self.monitor.catch_up(self.counters.step, self.version)
+        self.checkpoints.tick(self._snapshot, idle=report is None)
+        self._remove_finished_uploads()
+        if report is None and self.inputs is not None:
+            self.inputs.maybe_sweep()  # retention, when the stream is idle
+        self.heartbeat()
         return report
 
     def _fetch(self, block_ms: int | None) -> Fetched:
@@ -278,9 +282,9 @@ class Worker:
         fresh = self._drop_settled(fetched, report)
         clips = self._decoded(fresh, report)
         self._read_ahead()
+        before = Stamp(self.version, self.counters.step)
+        report.stats = self._learn(clips)  # a rank group's step even without clips
         if clips:
-            before = Stamp(self.version, self.counters.step)
-            report.stats = self._learn(clips)
             emb_a, emb_v = self._publish(clips, report, before)
             self.monitor.after_batch(
                 [d.entry for d, _ in clips],
@@ -347,7 +351,10 @@ class Worker:
         if not train:
             return None
         self.learner.take_step_embeddings()  # drop a leftover: a stale one is never published
-        stats = self.learner.step(_batch(train))
+        return self._applied(self.learner.step(_batch(train)))
+
+    def _applied(self, stats: StepStats) -> StepStats:
+        """Count a step the learner took (or skipped), publish a model when due."""
         self.counters.step += 1
         if stats.skipped:
             telemetry.STEPS.labels("skipped_nonfinite").inc()
@@ -480,11 +487,19 @@ class Worker:
         directory = self.settings.checkpoint_dir
         newest = load_newest(directory, _fell_back, self.checkpoints.read_segments)
         if newest is None:
-            init = resolve_init_weights(self.settings.init_weights, self.settings.preset)
-            if init is not None:
-                warm_start(self.learner, init)
+            self._cold_start()
             return False
-        path, state, segments = newest
+        self._resume(*newest)
+        return True
+
+    def _cold_start(self) -> None:
+        """No checkpoint: the weights ``init_weights`` names (builtin, a path, none)."""
+        init = resolve_init_weights(self.settings.init_weights, self.settings.preset)
+        if init is not None:
+            warm_start(self.learner, init)
+
+    def _resume(self, path: Path, state: dict, segments: list[dict] | None) -> None:
+        """Learner, counters, ledger head and monitor from a loaded checkpoint."""
         if (state["method"], state["preset"]) != (self.settings.method, self.settings.preset):
             raise ValueError(
                 f"checkpoint {path} is {state['method']}/{state['preset']}, settings ask for "
@@ -497,7 +512,6 @@ class Worker:
             self.durable_settles = {cid: s for cid, s in state["settles"]}
         self._restore_monitor(state, path)
         log.info("resumed from %s at %d updates", path, self.counters.updates)
-        return True
 
     def _restore_monitor(self, state: dict, path: Path) -> None:
         """The monitor's probes and history; a checkpoint without them starts it empty."""

@@ -162,6 +162,19 @@ class LearnerConfig:
     options: dict[str, Any] = field(default_factory=dict)  # further method settings
 
 
+class Gradients:
+    """How the gradients of a step become the update's: as computed, in one process.
+
+    A rank group replaces it with ``worker.core.distributed.AllReduceGradients``, which
+    averages them over the ranks; the learners call it once per step either way."""
+
+    def average(self, params: list[nn.Parameter], contributes: bool, finite: bool) -> bool:
+        """Leave in each ``p.grad`` the gradient to apply; False when the step is skipped:
+        a loss was not finite (this process's or, in a group, any rank's), or no process
+        contributed a gradient."""
+        return contributes and finite
+
+
 class Learner:
     """Base class: model, optimizer, generator and counters; subclasses define ``step``.
 
@@ -189,6 +202,7 @@ class Learner:
             self.extra_modules = nn.ModuleDict(self.build_extra_modules()).to(self.device)
         self.generator = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         self.optimizer = self.build_optimizer()
+        self.gradients = Gradients()  # a rank group's all-reduce, set by worker/ranks.py
         self.step_count = 0  # updates applied
         self.skipped_count = 0  # steps skipped for a non-finite loss or gradient
 
@@ -293,15 +307,37 @@ class Learner:
         if early is None:
             self.optimizer.zero_grad(set_to_none=True)
         checked = loss.detach() if early is None else loss.detach() + early
-        if not bool(torch.isfinite(checked)):
+        finite = bool(torch.isfinite(checked))
+        if finite:
+            loss.backward()
+        return self._update(contributes=finite, finite=finite)
+
+    def _update(self, contributes: bool, finite: bool) -> tuple[bool, float]:
+        """Apply the gradients left in ``p.grad`` (averaged over a rank group first; a
+        process that does not contribute takes part with none). Every process of a group
+        gets the same averaged gradients and flags, so all skip or all step: weights stay
+        equal. A non-finite loss anywhere skips the step, as it would in one process."""
+        if not contributes:
+            self.optimizer.zero_grad(set_to_none=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not self.gradients.average(params, contributes, finite):
             return self._skip(math.nan)
-        loss.backward()
         norm = self._grad_norm()
         if not math.isfinite(norm):
             return self._skip(norm)
         self.optimizer.step()
         self.step_count += 1
         return False, norm
+
+    def sit_out(self) -> StepStats:
+        """Take part in a rank group's update with no clips of one's own (this rank's share
+        of the stream ran dry): the update is the other ranks' averaged gradient."""
+        start = time.perf_counter()
+        skipped, norm = self._update(contributes=False, finite=True)
+        elapsed = time.perf_counter() - start
+        return StepStats(
+            grad_norm=norm, step=self.step_count, step_seconds=elapsed, skipped=skipped
+        )
 
     def _grad_norm(self) -> float:
         """Total gradient norm; gradients are clipped to ``cfg.grad_clip`` when it is > 0.

@@ -1,0 +1,154 @@
+"""A rank group of 2 on a real Redis: `flava worker --nproc 2` (torchrun, gloo, tiny, one
+torch thread per rank). A SIGKILLed rank brings the group back from the last checkpoint
+with nothing lost; SIGTERM drains every rank; the ranks take the same steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from contract import wire
+from tests.queueing import enqueue, stream_clips
+from worker.checkpoint import latest_checkpoint, ledger_chain, load_checkpoint, version_of
+from worker.ranks import RankGroup, Vote
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[bytes]:
+    return stream_clips(24, seed=11)
+
+
+def group_env(redis_url: str, prefix: str, workdir: Path, **extra: str) -> dict[str, str]:
+    settings = {
+        "FLAVA_REDIS_URL": redis_url,
+        "FLAVA_KEY_PREFIX": prefix,
+        "FLAVA_CONSUMER": "host",
+        "FLAVA_METHOD": "er",
+        "FLAVA_INIT_WEIGHTS": "none",
+        "FLAVA_BATCH_SIZE": "2",
+        "FLAVA_BLOCK_MS": "100",
+        "FLAVA_DECODE_PROCESSES": "1",
+        "FLAVA_CHECKPOINT_EVERY": "2",
+        "FLAVA_HEARTBEAT_S": "0.5",
+        "FLAVA_MONITOR_EVERY": "0",
+        "FLAVA_PUBLISH_EVERY": "0",
+        "FLAVA_INPUTS_DIR": "",
+        "FLAVA_CHECKPOINT_DIR": str(workdir / "ckpt"),
+        "FLAVA_BLOB_DIR": str(workdir / "blobs"),
+        "FLAVA_MODELS_DIR": str(workdir / "models"),
+        "OMP_NUM_THREADS": "1",
+    }
+    return {**os.environ, **settings, **extra}
+
+
+def start_group(env: dict[str, str], log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "flava", "worker", "--nproc", "2", "--max-restarts", "2"]
+    return subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of rank ``rank``: a child of torchrun (the launcher execs into it)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def states(client: redis.Redis, keys: wire.Keys, ids: list[str]) -> Counter:
+    return Counter((client.hget(keys.clip(c), "state") or b"?").decode() for c in ids)
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+
+
+def chain(directory: Path) -> list[str]:
+    """The clips the newest checkpoint's ledger chain holds, in order."""
+    head = load_checkpoint(latest_checkpoint(directory))["ledger"]["hash"]
+    return [c for seg in ledger_chain(directory, head) for c in seg.clip_ids]
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=90)
+
+
+def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
+    redis_url, client, prefix, tmp_path, clips
+):
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips]
+    log = tmp_path / "group.log"
+    proc = start_group(group_env(redis_url, prefix, tmp_path), log)
+    try:
+        wait_for(lambda: states(client, keys, ids)["learned"] >= 4, 180, proc, log)
+        before = states(client, keys, ids)
+        victim = rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: states(client, keys, ids)["learned"] == len(ids), 300, proc, log)
+    finally:
+        code = stop(proc)
+    text = log.read_text()
+    assert before["learned"] < len(ids)  # killed mid-run
+    assert "restart" in text.lower(), text[-3000:]
+    version = wire.ModelVersion.parse(client.hget(keys.model, "version").decode())
+    assert version.generation >= 2  # the group came back as a new generation
+    ckpt = tmp_path / "ckpt"
+    learned = chain(ckpt) + chain(ckpt / "rank-1")
+    assert sorted(learned) == sorted(ids)  # every clip in one rank's chain, once
+    assert client.xpending(keys.stream, wire.GROUP)["pending"] == 0
+    assert code == 0 or "got signal: 15" in text, text[-3000:]
+
+
+def test_sigterm_drains_every_rank_at_one_version(redis_url, client, prefix, tmp_path, clips):
+    keys = wire.Keys(prefix)
+    ids = [enqueue(client, keys, c) for c in clips[:16]]
+    log = tmp_path / "group.log"
+    proc = start_group(group_env(redis_url, prefix, tmp_path, FLAVA_CHECKPOINT_EVERY="50"), log)
+    try:
+        wait_for(lambda: states(client, keys, ids)["embedded"] >= 4, 180, proc, log)
+    finally:
+        stop(proc)
+    seen = states(client, keys, ids)
+    assert client.xpending(keys.stream, wire.GROUP)["pending"] == 0  # every rank acked
+    assert seen["embedded"] == 0 and seen["learned"] >= 4
+    assert seen["learned"] + seen["queued"] == len(ids), seen  # the rest never read
+    ckpt = tmp_path / "ckpt"
+    zero, one = latest_checkpoint(ckpt), latest_checkpoint(ckpt / "rank-1")
+    assert version_of(zero) == version_of(one)  # the same steps on both ranks
+    assert sorted(chain(ckpt) + chain(ckpt / "rank-1")) == sorted(
+        c for c in ids if client.hget(keys.clip(c), "state") == b"learned"
+    )
+
+
+def test_rank_settings_name_the_consumer_host_and_rank(worker_settings, tmp_path):
+    base = worker_settings(consumer="host", seed=4)
+    zero = RankGroup(0, 2, 0).settings_for(base)
+    one = RankGroup(1, 2, 1).settings_for(base)
+    assert (zero.consumer, one.consumer) == ("host-0", "host-1")
+    assert zero.checkpoint_dir == base.checkpoint_dir
+    assert one.checkpoint_dir == str(Path(base.checkpoint_dir) / "rank-1")
+    assert zero.seed != one.seed
+    assert (one.publish_every, one.monitor_every, one.metrics_port) == (0, 0, 0)
+    assert Vote().durable == -1

@@ -1,0 +1,332 @@
+"""A rank group: one learner over N processes, launched by torchrun (docs/distributed.md).
+
+``torchrun --nproc-per-node N -m worker.main`` (or ``flava worker --nproc N``) starts N
+ranks. Each is a worker with its own consumer name (``<consumer>-<rank>``: host + rank), its
+own share of the stream (the consumer group hands each reader different entries), its own
+decode processes, replay memory, random draws and checkpoint directory (rank 0: the
+configured one; rank r: ``<dir>/rank-r``). Gradients are averaged over the ranks at every
+step (worker/core/distributed.py), so the weights stay one model.
+
+Lockstep: every iteration of every rank meets the others in one small all-reduce, the
+**vote** (``Vote``), after its clips are decoded and before any step. Whether a step is
+taken, whether to stop, to checkpoint or to pause is decided there, the same on every rank:
+
+- a step is taken when any rank has training clips; a rank with none takes part without
+  a gradient (``Learner.sit_out``), so every rank takes the same number of steps and no
+  all-reduce waits for a rank that skipped it;
+- a checkpoint is taken when any rank's policy asks, by every rank at the same version;
+- a rank acks its clips only once every rank has a durable checkpoint of their update
+  (the vote carries each rank's newest durable version; the minimum is released), so a
+  restart, which restores the newest version every rank holds, never loses an acked clip;
+- a stop (SIGTERM on any rank) ends the loop on every rank after the same step, then each
+  writes its last checkpoint and one more vote releases the acks.
+
+Rank 0 is the group's face: it holds the single-learner lease (worker/lease.py) for the
+whole group, publishes the model version, heartbeat, models and monitor summary; a rollback
+request is refused (a group restores only the newest common checkpoint). A rank that dies
+fails the next collective of the others; torchrun then restarts the group
+(``--max-restarts``) from the last checkpoint, and each rank re-reads its own pending
+entries under the same consumer name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+import torch
+import torch.distributed as dist
+
+from worker.checkpoint import checkpoint_name, load_checkpoint, load_newest, version_of
+from worker.checkpointing import version_key
+from worker.core.distributed import AllReduceGradients, broadcast_learner, rank_seed
+from worker.core.learner import Learner, StepStats
+from worker.core.media import Clip
+from worker.monitoring import MonitorConfig, StreamMonitor
+from worker.queue import Delivery
+from worker.runner import BatchReport, Fetched, Worker, _fell_back
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+# a collective that waits longer than this (a rank stuck, not dead: a dead one fails it at
+# once) raises, and torchrun restarts the group
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+NOTHING_HELD = 1 << 62  # a rank with no checkpoint, when the ranks take the lowest version
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One rank's say in an iteration; the group's answer has the same fields."""
+
+    step: bool = False  # this rank has training clips (group: any rank has)
+    stop: bool = False  # asked to stop (group: any rank was)
+    checkpoint: bool = False  # its policy asks for a checkpoint (group: any rank's does)
+    paused: bool = False  # the operator paused learning (rank 0 reads it)
+    durable: int = -1  # version_key of its newest durable checkpoint, -1 none (group: min)
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This process's place in the group torchrun started: RANK, WORLD_SIZE, LOCAL_RANK."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environment(cls) -> RankGroup | None:
+        """The group of a process torchrun started; None for a plain worker."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return None
+        env = os.environ
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def settings_for(self, settings: WorkerSettings) -> WorkerSettings:
+        """This rank's settings: its consumer name, checkpoint directory, device and seed;
+        only rank 0 serves metrics, publishes models and evaluates the monitors."""
+        ckpt = settings.checkpoint_dir
+        mine: dict[str, Any] = {
+            "consumer": f"{settings.consumer}-{self.rank}",
+            "checkpoint_dir": ckpt if self.leader else os.path.join(ckpt, f"rank-{self.rank}"),
+            "device": self.device(settings.device),
+            "seed": rank_seed(settings.seed, self.rank),
+        }
+        if not self.leader:
+            mine |= {"metrics_port": 0, "publish_every": 0, "monitor_every": 0}
+        return settings.model_copy(update=mine)
+
+    def device(self, wanted: str) -> str:
+        """One GPU per rank (``cuda:<local rank>``) when GPUs are wanted and present."""
+        if wanted in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return "cpu" if wanted == "auto" else wanted
+
+    def join(self, device: str) -> None:
+        """Join the process group: NCCL between GPUs, gloo between CPU processes."""
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        store = self._store()
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+        log.info("rank %d of %d joined (%s)", self.rank, self.world_size, backend)
+
+    def _store(self) -> dist.Store:
+        """torchrun's store, under a prefix per restart of the group: the addresses the
+        ranks of a killed attempt left there would otherwise be read by the next attempt's
+        ranks (gloo then fails to connect, and every restart with it)."""
+        store, _, _ = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"flava-attempt-{attempt}", store)
+
+    def vote(self, mine: Vote) -> Vote:
+        """The group's answer: one all-reduce (max) of 5 int64s."""
+        values = [mine.step, mine.stop, mine.checkpoint, mine.paused, -mine.durable]
+        got = self._max([int(v) for v in values])
+        return Vote(bool(got[0]), bool(got[1]), bool(got[2]), bool(got[3]), -got[4])
+
+    def highest(self, value: int) -> int:
+        return self._max([value])[0]
+
+    def lowest(self, value: int) -> int:
+        return -self._max([-value])[0]
+
+    def _max(self, values: list[int]) -> list[int]:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [int(v) for v in tensor.tolist()]
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class FollowerLease:
+    """A rank other than 0 holds no lease: rank 0's covers the group."""
+
+    def take(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+class RankWorker(Worker):
+    """A Worker that is one rank of a group: the loop above, voted on every iteration."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: redis.Redis,
+        group: RankGroup,
+        learner: Learner | None = None,
+    ):
+        self.group = group
+        super().__init__(settings, client, learner)
+        self.learner.gradients = AllReduceGradients()
+        self.checkpoints.hold_acks = True
+        self.agreed = Vote()  # the group's answer to the last vote
+        if not group.leader:
+            self.lease = FollowerLease()  # type: ignore[assignment]
+
+    def _new_monitor(self) -> StreamMonitor:
+        """Rank 0's monitor publishes; the others' only feed nothing to Redis."""
+        client = self.queue.redis if self.group.leader else None
+        cfg = MonitorConfig.from_settings(self.settings)
+        return StreamMonitor(cfg, self.learner, client, self.queue.keys)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Iterate until the group agrees to stop (or reaches ``max_steps``), then write
+        the last checkpoint and release the acks every rank's checkpoint covers."""
+        self.start()
+        self._stop = stop
+        finished = False
+        try:
+            while not self.agreed.stop and not self._reached_max_steps():
+                self._retry(self.iterate, stop=stop)
+            self.checkpoints.start_now(self._snapshot)
+            self.checkpoints.wait()
+            self._release(self.group.vote(Vote(durable=self.checkpoints.durable)))
+            finished = True
+        finally:  # after a failed collective (a rank died) nothing more is acked
+            self._remove_finished_uploads()
+            self.pool.shutdown()
+            self._retry(self.lease.release, stop=stop)
+            log.info("rank %d stopped at version %s", self.group.rank, self.version)
+            if finished:
+                self.group.leave()
+
+    def _iteration(self) -> BatchReport | None:
+        """Fetch (unless paused), vote and step inside ``process``, then housekeeping."""
+        if self.group.leader:
+            self._read_control()
+        paused = self.agreed.paused
+        fetched, self._ahead = self._ahead or self._fetch_unless(paused), None
+        report = self.process(fetched)
+        if report.stats is None:
+            self.monitor.catch_up(self.counters.step, self.version)
+        self._remove_finished_uploads()
+        if report.stats is None and self.inputs is not None:
+            self.inputs.maybe_sweep()
+        if self.agreed.paused and self._stop is not None:
+            self._stop.wait(self.settings.block_ms / 1000)
+        self.heartbeat()
+        return report
+
+    def _fetch_unless(self, paused: bool) -> Fetched:
+        return Fetched([], []) if paused else self._fetch(self.settings.block_ms)
+
+    def _read_ahead(self) -> None:
+        """Deferred to after the vote (``_learn``): not when the group is stopping."""
+
+    def _learn(self, clips: list[tuple[Delivery, Clip]]) -> StepStats | None:
+        """Vote, checkpoint if agreed, then step with this rank's clips or sit out."""
+        train = [c for d, c in clips if d.entry.purpose == "train"]
+        self.agreed = self.group.vote(self._my_vote(bool(train)))
+        if self.agreed.checkpoint:
+            self.checkpoints.start_now(self._snapshot)  # every rank at the same version
+        self._release(self.agreed)
+        if not self.agreed.stop and not self.agreed.paused:
+            super()._read_ahead()  # decodes while the step runs
+        if not self.agreed.step:
+            return None
+        if train:
+            return super()._learn(clips)
+        return self._applied(self.learner.sit_out())
+
+    def _my_vote(self, has_clips: bool) -> Vote:
+        self.checkpoints.collect()
+        stop = self._stop is not None and self._stop.is_set()
+        due = self.checkpoints.due(idle=not has_clips)
+        paused = self.control.paused if self.group.leader else False
+        return Vote(has_clips, stop, due, paused, self.checkpoints.durable)
+
+    def _release(self, agreed: Vote) -> None:
+        self.checkpoints.release(agreed.durable)
+
+    def _read_control(self) -> None:
+        """Rank 0 reads the operator's asks: a pause goes to the vote, a rollback is
+        answered as refused (a group restores only the newest common checkpoint)."""
+        self.control = self._retry(self.queue.read_control)
+        request = self.control.rollback_id
+        if not request:
+            return
+        result = {
+            "id": request,
+            "version": self.control.rollback_version,
+            "from_version": self.version,
+            "state": "failed",
+            "reason": "a rank group does not roll back: stop it and restart from a checkpoint",
+            "finished_at": time.time(),
+        }
+        self._retry(self.queue.finish_rollback, request, json.dumps(result))
+
+    def heartbeat(self, force: bool = False) -> None:
+        """Rank 0 announces the model; the others only that their consumer is alive."""
+        if self.group.leader:
+            super().heartbeat(force)
+            return
+        now = time.time()
+        if force or now - self._last_heartbeat >= self.settings.heartbeat_s:
+            self.queue.heartbeat({})
+            self._last_heartbeat = now
+
+    # ---- start: one version, one generation, equal weights ---------------------------
+    def restore(self) -> bool:
+        """Resume every rank from the newest version all ranks hold a checkpoint of, then
+        take rank 0's weights, optimizer and counters (equal already after a resume; a rank
+        added since has no checkpoint and starts with an empty memory)."""
+        directory = self.settings.checkpoint_dir
+        newest = load_newest(directory, _fell_back, self.checkpoints.read_segments)
+        mine = version_key(_version_name(newest[0])) if newest else NOTHING_HELD
+        target = self.group.lowest(mine)  # the newest version every rank that has any holds
+        if newest is not None and mine != target:
+            newest = self._load_version(target)
+        if newest is not None:
+            self._resume(*newest)
+            self.checkpoints.durable = target
+        else:
+            self._cold_start()
+        self._take_leaders_state()
+        return newest is not None
+
+    def _load_version(self, key: int) -> tuple[Any, dict, list[dict] | None]:
+        generation, updates = divmod(key, 10**10)
+        path = self.checkpoints.writer.directory / checkpoint_name(generation, updates)
+        state = load_checkpoint(path)
+        return path, state, self.checkpoints.read_segments(state)
+
+    def _take_leaders_state(self) -> None:
+        broadcast_learner(self.learner, src=0)
+        shared: list[Any] = [(self.counters.updates, self.counters.step)]
+        dist.broadcast_object_list(shared, src=0)
+        self.counters.updates, self.counters.step = shared[0]
+
+    def _claim_generation(self, published: int) -> int:
+        """Every rank claims in its own directory; the group takes the largest claim, so
+        it is newer than any generation any rank (or Redis) has seen."""
+        return self.group.highest(super()._claim_generation(published))
+
+
+def _version_name(path: Any) -> str:
+    generation, updates = version_of(path)
+    return f"{generation}.{updates}"
