@@ -22,6 +22,8 @@
 4. ingest   POST /ingest of 1 MB clips at concurrency 8 against redis-py running the same
             ingest script (contract.wire.INGEST_SCRIPT) on the same payloads.
 5. embed    GET /embed at concurrency 8 against redis-py reading the same two hashes.
+6. ranks    samples/s of a 2-rank group against 1 rank (bench/perf_ranks.py, which also writes
+            the GPU scaling model; not in the default --only).
 
 Timings on a shared machine are noisy: compare ratios within one run, not across runs.
 """
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.perf_checkpoint import bench_checkpoint
+from bench.perf_ranks import bench_ranks
 from bench.perf_upload import bench_upload
 from bench.perf_windows import WindowsConfig, bench_windows
 from bench.perfkit import (
@@ -479,6 +482,8 @@ def run_all(cfg: PerfConfig, only: set[str], out: Path) -> list[Comparison]:
             comparisons += bench_windows(WindowsConfig(**cfg.windows))
         if "upload" in only:  # a 10-minute upload through the running service
             comparisons += bench_upload(minutes=0.5 if cfg.quick else 10.0)
+        if "ranks" in only:  # 1 vs 2 ranks of one learner
+            comparisons += bench_ranks(cfg.quick)
         service_cfg = ServiceConfig(**{**cfg.service, "profile": cfg.profile})
         comparisons += run_service_benches(service_cfg, workdir, only)
     meta = {
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="decode,step,checkpoint,service,ingest,embed",
         help="comma-separated benchmarks; also: windows (bench/perf_windows.py), upload"
-        " (bench/perf_upload.py)",
+        " (bench/perf_upload.py), ranks (bench/perf_ranks.py)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the worker and the API")
     p.add_argument("--checkpoint-presets", help="checkpoint bench presets, e.g. tiny,small")

@@ -91,7 +91,8 @@ def test_worker_reserves_a_gpu_falls_back_to_cpu_and_keeps_checkpoints(compose):
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert env(worker)["FLAVA_DEVICE"] in ("auto", "${FLAVA_DEVICE:-auto}")
-    assert worker["command"] == ["worker"]
+    assert worker["command"] == ["worker", "--nproc", "${FLAVA_GPUS:-1}"]  # one rank per GPU
+    assert str(device["count"]) == "${FLAVA_GPUS:-1}"
     assert "FLAVA_API_TOKEN" not in env(worker)  # the worker never serves HTTP requests
     checkpoint_dir = env(worker)["FLAVA_CHECKPOINT_DIR"]
     assert mounts(worker)[checkpoint_dir] in compose["volumes"]
