@@ -46,7 +46,12 @@ import torch.distributed as dist
 
 from worker.checkpoint import checkpoint_name, load_checkpoint, load_newest, version_of
 from worker.checkpointing import version_key
-from worker.core.distributed import AllReduceGradients, broadcast_learner, rank_seed
+from worker.core.distributed import (
+    SHARED_STATE,
+    AllReduceGradients,
+    broadcast_learner,
+    rank_seed,
+)
 from worker.core.learner import Learner, StepStats
 from worker.core.media import Clip
 from worker.monitoring import MonitorConfig, StreamMonitor
@@ -302,12 +307,23 @@ class RankWorker(Worker):
         if newest is not None and mine != target:
             newest = self._load_version(target)
         if newest is not None:
-            self._resume(*newest)
+            path, state, segments = newest
+            state["learner"] = {**self.learner.state_dict(), **state["learner"]}  # rank r > 0:
+            self._resume(path, state, segments)  # its own parts; the shared ones come next
             self.checkpoints.durable = target
         else:
             self._cold_start()
         self._take_leaders_state()
         return newest is not None
+
+    def _snapshot(self) -> tuple[str, dict]:
+        """Ranks other than 0 leave the weights and optimizer out of their checkpoints:
+        every rank holds rank 0's (a restart broadcasts them), and at `base` they are
+        ~2.3 GB a rank would write again at every checkpoint."""
+        version, state = super()._snapshot()
+        if not self.group.leader:
+            state["learner"] = {k: v for k, v in state["learner"].items() if k not in SHARED_STATE}
+        return version, state
 
     def _load_version(self, key: int) -> tuple[Any, dict, list[dict] | None]:
         generation, updates = divmod(key, 10**10)

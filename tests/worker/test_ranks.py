@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from contract import wire
 from tests.queueing import enqueue, stream_clips
 from worker.checkpoint import latest_checkpoint, ledger_chain, load_checkpoint, version_of
+from worker.lease import LeaseTaken
 from worker.ranks import RankGroup, Vote
+from worker.runner import Worker
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +124,20 @@ def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
     assert code == 0 or "got signal: 15" in text, text[-3000:]
 
 
-def test_sigterm_drains_every_rank_at_one_version(redis_url, client, prefix, tmp_path, clips):
+def test_sigterm_drains_every_rank_at_one_version(
+    redis_url, client, prefix, tmp_path, clips, worker_settings
+):
     keys = wire.Keys(prefix)
     ids = [enqueue(client, keys, c) for c in clips[:16]]
     log = tmp_path / "group.log"
     proc = start_group(group_env(redis_url, prefix, tmp_path, FLAVA_CHECKPOINT_EVERY="50"), log)
     try:
         wait_for(lambda: states(client, keys, ids)["embedded"] >= 4, 180, proc, log)
+        with pytest.raises(LeaseTaken):  # rank 0's lease covers the group
+            other = worker_settings(
+                consumer="other", checkpoint_dir=str(tmp_path / "other"), decode_processes=1
+            )
+            Worker(other, client).start()
     finally:
         stop(proc)
     seen = states(client, keys, ids)
@@ -137,6 +147,11 @@ def test_sigterm_drains_every_rank_at_one_version(redis_url, client, prefix, tmp
     ckpt = tmp_path / "ckpt"
     zero, one = latest_checkpoint(ckpt), latest_checkpoint(ckpt / "rank-1")
     assert version_of(zero) == version_of(one)  # the same steps on both ranks
+    mine, yours = load_checkpoint(zero)["learner"], load_checkpoint(one)["learner"]
+    assert "model" in mine and "optimizer" in mine
+    assert "model" not in yours and "optimizer" not in yours  # rank 0's are the group's
+    assert not torch.equal(mine["generator"], yours["generator"])  # each rank's own draws
+    assert mine["extra"]["memory"]["segments"] and yours["extra"]["memory"]["segments"]
     assert sorted(chain(ckpt) + chain(ckpt / "rank-1")) == sorted(
         c for c in ids if client.hget(keys.clip(c), "state") == b"learned"
     )

@@ -25,6 +25,9 @@ from torch.utils._pytree import tree_map
 from worker.core.learner import Gradients, Learner
 
 RANK_SEED_STRIDE = 1_000  # rank r draws from seed + 1000 r: apart from the memory's seed + 1
+# the part of Learner.state_dict() every rank holds alike (rank 0's is broadcast); the rest
+# (replay memory, generator, method state such as FLAVA's gate) is each rank's own
+SHARED_STATE = ("model", "extra_modules", "optimizer", "step", "skipped")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -88,8 +91,7 @@ def broadcast_learner(learner: Learner, src: int = 0) -> None:
 
 def _shared_state(learner: Learner) -> dict[str, Any]:
     state = learner.state_dict()
-    keep = ("model", "extra_modules", "optimizer", "step", "skipped")
-    return {k: _to_cpu(state[k]) for k in keep}
+    return {k: _to_cpu(state[k]) for k in SHARED_STATE}
 
 
 def _load_shared_state(learner: Learner, shared: dict[str, Any]) -> None:
