@@ -320,12 +320,28 @@ async def ingest(
             answer = await _enqueue(state, received.sha256, data, content_type, task, purpose)
     except ProbeError as exc:
         metrics.INGEST_REQUESTS.labels(exc.code).inc()
+        _log_refused(received, exc)
         raise HTTPException(exc.status, {"code": exc.code, "reason": str(exc)}) from exc
     finally:
         if received is not None:
             received.discard()  # a partial file left: not admitted
     metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
     return answer
+
+
+def _log_ingest(clip_id: str, outcome: str, size: int, task: str, purpose: str, **more) -> None:
+    """One event per ingest answer, with the clip's id as a field (contract/logs.py)."""
+    fields = dict(clip_id=clip_id, outcome=outcome, size=size, task=task, purpose=purpose)
+    level = logging.WARNING if outcome.startswith("full") else logging.INFO  # backlog full
+    log.log(level, "ingest %s: %s", clip_id[:12], outcome, extra={**fields, **more})
+
+
+def _log_refused(received: uploads.Received | None, exc: ProbeError) -> None:
+    """A refused body read whole has a clip id (its sha256); one cut off earlier has none."""
+    fields: dict[str, object] = {"outcome": exc.code, "reason": str(exc)}
+    if received is not None:
+        fields.update(clip_id=received.sha256, size=received.size)
+    log.info("ingest refused (%s)", exc.code, extra=fields)
 
 
 async def _read_upload(
@@ -407,6 +423,7 @@ async def _enqueue_windows(
     outcome, detail, epoch = await uploads.enqueue_upload(state, upload, path)
     metrics.REDIS_UP.set(1)
     metrics.INGEST_REQUESTS.labels(outcome).inc()
+    _log_ingest(upload.upload_id, outcome, received.size, task, purpose, windows=len(starts))
     if outcome == "full":
         raise _backlog_full(outcome, int(detail), received.size, state.settings)
     body = {"clip_id": upload.upload_id, "task": task, "purpose": purpose, "windows": len(starts)}
@@ -427,6 +444,7 @@ async def _enqueue(
     outcome, detail, epoch = (x.decode() for x in await state.ingest_script(script_keys, args))
     metrics.REDIS_UP.set(1)
     metrics.INGEST_REQUESTS.labels(outcome).inc()
+    _log_ingest(clip_id, outcome, len(data), task, purpose)
     if outcome in ("full", "full_bytes"):
         raise _backlog_full(outcome, int(detail), len(data), state.settings)
     body = {"clip_id": clip_id, "task": task, "purpose": purpose}

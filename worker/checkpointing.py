@@ -247,7 +247,7 @@ class Checkpointer:
         telemetry.CHECKPOINT_SECONDS.observe(job.seconds)
         telemetry.CHECKPOINT_FAILING.set(0)
         telemetry.DURABLE_VERSION.set(int(job.segment.version.split(".")[1]))
-        log.info("checkpoint %s durable in %.2f s", job.name, job.seconds)
+        log.info("checkpoint %s durable in %.2f s", job.name, job.seconds, extra=_log_fields(job))
         self.durable = version_key(job.segment.version)
         if self.hold_acks:
             self.held.append(job)
@@ -257,7 +257,12 @@ class Checkpointer:
     def _failed(self, job: CheckpointJob) -> None:
         """Keep the job's clips waiting (in front of newer ones); the next try writes all."""
         self.error = f"{type(job.error).__name__}: {job.error} ({_free(self.writer.directory)})"
-        log.error("checkpoint %s failed (%s): acks stop until one succeeds", job.name, self.error)
+        log.error(
+            "checkpoint %s failed (%s): acks stop until one succeeds",
+            job.name,
+            self.error,
+            extra=_log_fields(job),
+        )
         telemetry.CHECKPOINTS.labels("failed").inc()
         telemetry.CHECKPOINT_FAILING.set(1)
         self.tail = Tail(job.settles + self.tail.settles, job.segment.clip_ids + self.tail.trained)
@@ -285,3 +290,9 @@ def _free(directory: Path) -> str:
         return f"{shutil.disk_usage(directory).free} bytes free on {directory}"
     except OSError as exc:
         return f"{directory}: {exc.strerror}"
+
+
+def _log_fields(job: CheckpointJob) -> dict[str, object]:
+    """The checkpoint's model ``version`` and ``step`` as log fields (contract/logs.py)."""
+    counters = job.state.get("counters", {})
+    return {"version": job.segment.version, "step": counters.get("step"), "checkpoint": job.name}

@@ -178,7 +178,12 @@ class Worker:
         resumed = self.restore()
         published = self._retry(self.queue.published_generation)
         self.counters.generation = self._claim_generation(published)
-        log.info("generation %d starts at version %s", self.counters.generation, self.version)
+        log.info(
+            "generation %d starts at version %s",
+            self.counters.generation,
+            self.version,
+            extra=self._log_fields(generation=self.counters.generation),
+        )
         if resumed:  # the restored forgetting figures, before the first batch comes
             self.monitor.publish(self.counters.step, self.version)
         self._retry(self.queue.claim_own_pending)
@@ -584,7 +589,12 @@ class Worker:
         try:
             outcome = {"state": "done", "new_version": self.rollback(version)}
         except RollbackRefused as exc:
-            log.error("rollback to %s refused: %s", version, exc)
+            log.error(
+                "rollback to %s refused: %s",
+                version,
+                exc,
+                extra=self._log_fields(target=version, reason=str(exc)),
+            )
             outcome = {"state": "failed", "reason": str(exc)}
         result = {"id": request_id, "version": version, "from_version": before, **outcome}
         self.queue.finish_rollback(request_id, json.dumps({**result, "finished_at": time.time()}))
@@ -641,8 +651,17 @@ class Worker:
         self.models.maybe_publish(self.learner, self.version, self.counters.step)
         telemetry.MODEL_VERSION.set(self.counters.updates)
         telemetry.GENERATION.set(self.counters.generation)
-        log.warning("rolled back to %s: now version %s", version, self.version)
+        log.warning(
+            "rolled back to %s: now version %s",
+            version,
+            self.version,
+            extra=self._log_fields(target=version, generation=self.counters.generation),
+        )
         return self.version
+
+    def _log_fields(self, **more: object) -> dict[str, object]:
+        """The model's ``version`` and ``step`` as log fields (contract/logs.py), and more."""
+        return {"version": self.version, "step": self.counters.step, **more}
 
 
 class RollbackRefused(Exception):

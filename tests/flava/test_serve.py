@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,42 @@ def test_serve_with_two_worker_processes_answers(tmp_path: Path, redis_url, pref
         assert len(children) >= 2  # the supervisor's worker processes (+ its resource tracker)
     finally:
         assert terminate(proc, timeout=30) == 0
+
+
+def test_ingest_lines_carry_the_clip_id(tmp_path: Path, redis_url, prefix):
+    """flava serve writing JSON lines (not a terminal): each /ingest answer is one event of
+    service.app whose clip_id field is the clip's sha256, refused bodies included."""
+    port, log = free_port(), tmp_path / "api.log"
+    env = {**os.environ, "FLAVA_REDIS_URL": redis_url, "FLAVA_KEY_PREFIX": prefix}
+    proc = spawn(["--log-format", "json", "serve", "--port", str(port)], env, log)
+    clip, junk = encode_clip(ClipSpec(seconds=1.0, tone_hz=777.0)), b"not a clip " + prefix.encode()
+    mp4 = {"Content-Type": "video/mp4"}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(f"{url}/healthz", 120, [proc], log)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            answers = [
+                http.post("/ingest", content=body, headers=mp4, params={"task": "t1"})
+                for body in (clip, clip, junk)
+            ]
+    finally:
+        terminate(proc, timeout=30)  # uvicorn re-raises the SIGTERM once it has shut down
+    assert [a.status_code for a in answers] == [202, 200, 415]
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    ingest = [e for e in events if e["logger"] == "service.app"]
+    cid, junk_id = hashlib.sha256(clip).hexdigest(), hashlib.sha256(junk).hexdigest()
+    assert answers[0].json()["clip_id"] == cid
+    assert [(e["clip_id"], e["outcome"]) for e in ingest] == [
+        (cid, "queued"),
+        (cid, "duplicate"),
+        (junk_id, "undecodable"),
+    ]
+    assert (ingest[0]["task"], ingest[0]["purpose"], ingest[0]["size"]) == (
+        "t1",
+        "train",
+        len(clip),
+    )
+    assert ingest[0]["msg"] == f"ingest {cid[:12]}: queued" and ingest[0]["level"] == "info"
 
 
 # ---- /metrics with several API processes (prometheus_client multiprocess mode) ------------

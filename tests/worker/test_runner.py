@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -12,6 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from contract import wire
+from contract.logs import configure
 from tests.queueing import enqueue
 from worker import telemetry
 from worker.core.synthetic import StreamConfig, make_clip, segment_specs
@@ -352,6 +354,66 @@ def test_checkpoint_without_monitor_state_still_loads(settings, client, clips, p
     again.pool.shutdown()
     assert again.counters.clips_probed == 1 and not again.monitor.windows
     assert "no monitor state" in caplog.text
+
+
+@pytest.fixture
+def json_log():
+    """The root logger writes JSON lines (contract/logs.py) to a buffer; restored after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    configure("info", "json", out)
+    yield out
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def ask_rollback(client, keys: wire.Keys, version: str) -> None:
+    """What POST /model/rollback writes (contract/wire.py's script)."""
+    script = client.register_script(wire.REQUEST_ROLLBACK_SCRIPT)
+    assert (
+        script(keys=[keys.control], args=[f"r-{version}", version, time.time()])[0] == b"requested"
+    )
+
+
+def events(out: io.StringIO, logger: str, starts: str) -> list[dict]:
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [e for e in lines if e["logger"] == logger and e["msg"].startswith(starts)]
+
+
+def test_generation_checkpoint_and_rollback_lines_carry_version_and_step(
+    settings, client, clips, prefix, json_log
+):
+    keys = wire.Keys(prefix)
+    w = started(settings, client)
+    for batch in (clips[:4], clips[4:8]):  # 1.1 and 1.2, each made durable
+        for c in batch:
+            enqueue(client, keys, c)
+        w.iterate()
+        assert w.settle()
+    ask_rollback(client, keys, "1.1")
+    w.iterate()  # rolled back: generation 2, checkpointed at once
+    ask_rollback(client, keys, "7.7")
+    w.iterate()  # refused: no such checkpoint
+    w.pool.shutdown()
+    (start,) = events(json_log, "worker.runner", "generation 1 starts")
+    assert (start["version"], start["step"], start["generation"]) == ("1.0", 0, 1)
+    durable = events(json_log, "worker.checkpointing", "checkpoint ")
+    assert [(e["version"], e["step"]) for e in durable] == [("1.1", 1), ("1.2", 2), ("2.1", 1)]
+    assert durable[0]["checkpoint"] == "ckpt-000001-0000000001.pt"
+    (back,) = events(json_log, "worker.runner", "rolled back to 1.1")
+    assert (back["version"], back["step"], back["target"], back["generation"]) == (
+        "2.1",
+        1,
+        "1.1",
+        2,
+    )
+    (refused,) = events(json_log, "worker.runner", "rollback to 7.7 refused")
+    assert (refused["version"], refused["step"], refused["target"]) == ("2.1", 1, "7.7")
+    assert refused["level"] == "error" and "no durable checkpoint" in refused["reason"]
 
 
 def gauge(name: str, **labels) -> float | None:
