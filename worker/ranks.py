@@ -7,7 +7,7 @@ decode processes, replay memory, random draws and checkpoint directory (rank 0: 
 configured one; rank r: ``<dir>/rank-r``). Gradients are averaged over the ranks at every
 step (worker/core/distributed.py), so the weights stay one model.
 
-Lockstep: every iteration of every rank meets the others in one small all-reduce, the
+Lockstep: every iteration of every rank meets the others in one small all-gather, the
 **vote** (``Vote``), after its clips are decoded and before any step. Whether a step is
 taken, whether to stop, to checkpoint or to pause is decided there, the same on every rank:
 
@@ -76,6 +76,29 @@ class Vote:
     checkpoint: bool = False  # its policy asks for a checkpoint (group: any rank's does)
     paused: bool = False  # the operator paused learning (rank 0 reads it)
     durable: int = -1  # version_key of its newest durable checkpoint, -1 none (group: min)
+    learned: int = 0  # clips it learned, for rank 0's heartbeat (group: sum)
+    unacked: int = 0  # clips it published and has not acked yet (group: sum)
+
+    def as_row(self) -> list[int]:
+        return [self.step, self.stop, self.checkpoint, self.paused, self.durable, *self.counts]
+
+    @property
+    def counts(self) -> list[int]:
+        return [self.learned, self.unacked]
+
+    @classmethod
+    def of_group(cls, rows: list[list[int]]) -> Vote:
+        """Every rank's row -> the group's answer (each rank computes the same)."""
+        step, stop, checkpoint, paused, durable, learned, unacked = zip(*rows, strict=True)
+        return cls(
+            any(step),
+            any(stop),
+            any(checkpoint),
+            any(paused),
+            min(durable),
+            sum(learned),
+            sum(unacked),
+        )
 
 
 @dataclass(frozen=True)
@@ -142,10 +165,12 @@ class RankGroup:
         return dist.PrefixStore(f"flava-attempt-{attempt}", store)
 
     def vote(self, mine: Vote) -> Vote:
-        """The group's answer: one all-reduce (max) of 5 int64s."""
-        values = [mine.step, mine.stop, mine.checkpoint, mine.paused, -mine.durable]
-        got = self._max([int(v) for v in values])
-        return Vote(bool(got[0]), bool(got[1]), bool(got[2]), bool(got[3]), -got[4])
+        """The group's answer: one all-gather of every rank's 7 integers."""
+        row = torch.tensor([int(v) for v in mine.as_row()], dtype=torch.int64)
+        row = row.to(_collective_device())
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row)
+        return Vote.of_group([[int(v) for v in r.tolist()] for r in rows])
 
     def highest(self, value: int) -> int:
         return self._max([value])[0]
@@ -154,14 +179,18 @@ class RankGroup:
         return -self._max([-value])[0]
 
     def _max(self, values: list[int]) -> list[int]:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        tensor = torch.tensor(values, dtype=torch.int64, device=device)
+        tensor = torch.tensor(values, dtype=torch.int64, device=_collective_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return [int(v) for v in tensor.tolist()]
 
     def leave(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _collective_device() -> str:
+    """NCCL reduces tensors on the rank's GPU (set by ``join``); gloo on the CPU."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 class FollowerLease:
@@ -263,7 +292,8 @@ class RankWorker(Worker):
         stop = self._stop is not None and self._stop.is_set()
         due = self.checkpoints.due(idle=not has_clips)
         paused = self.control.paused if self.group.leader else False
-        return Vote(has_clips, stop, due, paused, self.checkpoints.durable)
+        counts = (self.counters.clips_learned, self.checkpoints.waiting)
+        return Vote(has_clips, stop, due, paused, self.checkpoints.durable, *counts)
 
     def _release(self, agreed: Vote) -> None:
         self.checkpoints.release(agreed.durable)
@@ -284,6 +314,14 @@ class RankWorker(Worker):
             "finished_at": time.time(),
         }
         self._retry(self.queue.finish_rollback, request, json.dumps(result))
+
+    def model_info(self, now: float) -> dict[str, str | int | float]:
+        """Rank 0's, with the group's clip counts (as of the last vote)."""
+        return {
+            **super().model_info(now),
+            "clips_learned": self.agreed.learned,
+            "unacked": self.agreed.unacked,
+        }
 
     def heartbeat(self, force: bool = False) -> None:
         """Rank 0 announces the model; the others only that their consumer is alive."""

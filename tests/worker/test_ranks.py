@@ -91,6 +91,10 @@ def chain(directory: Path) -> list[str]:
     return [c for seg in ledger_chain(directory, head) for c in seg.clip_ids]
 
 
+def group_learned(client: redis.Redis, keys: wire.Keys) -> int:
+    return int(client.hget(keys.model, "clips_learned") or 0)
+
+
 def stop(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=90)
@@ -110,6 +114,8 @@ def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: states(client, keys, ids)["learned"] == len(ids), 300, proc, log)
+        # rank 0 reports the group's count: both ranks' clips, the re-learned ones once
+        wait_for(lambda: group_learned(client, keys) == len(ids), 60, proc, log)
     finally:
         code = stop(proc)
     text = log.read_text()
@@ -155,6 +161,18 @@ def test_sigterm_drains_every_rank_at_one_version(
     assert sorted(chain(ckpt) + chain(ckpt / "rank-1")) == sorted(
         c for c in ids if client.hget(keys.clip(c), "state") == b"learned"
     )
+
+
+def test_the_group_answer_is_any_flag_the_oldest_durable_and_summed_counts():
+    rows = [
+        Vote(step=True, durable=20, learned=5, unacked=2).as_row(),
+        Vote(stop=True, durable=10, learned=7).as_row(),
+        Vote(checkpoint=True, paused=True, durable=30, unacked=1).as_row(),
+    ]
+    group = Vote.of_group(rows)
+    assert (group.step, group.stop, group.checkpoint, group.paused) == (True, True, True, True)
+    assert (group.durable, group.learned, group.unacked) == (10, 12, 3)
+    assert Vote.of_group([Vote().as_row(), Vote(durable=4).as_row()]) == Vote(durable=-1)
 
 
 def test_rank_settings_name_the_consumer_host_and_rank(worker_settings, tmp_path):
