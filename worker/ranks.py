@@ -19,7 +19,11 @@ taken, whether to stop, to checkpoint or to pause is decided there, the same on 
   (the vote carries each rank's newest durable version; the minimum is released), so a
   restart, which restores the newest version every rank holds, never loses an acked clip;
 - a stop (SIGTERM on any rank) ends the loop on every rank after the same step, then each
-  writes its last checkpoint and one more vote releases the acks.
+  writes its last checkpoint and one more vote releases the acks;
+- when any rank has probe clips, every rank sends its probes to rank 0's monitors.
+
+A collective entered by one rank must be entered by all: after the vote nothing may end an
+iteration early (a failed read-ahead is logged, not raised).
 
 Rank 0 is the group's face: it holds the single-learner lease (worker/lease.py) for the
 whole group, publishes the model version, heartbeat, models and monitor summary; a rollback
@@ -43,6 +47,7 @@ from typing import Any
 import redis
 import torch
 import torch.distributed as dist
+from redis.exceptions import RedisError
 
 from worker.checkpoint import checkpoint_name, load_checkpoint, load_newest, version_of
 from worker.checkpointing import version_key
@@ -55,6 +60,7 @@ from worker.core.distributed import (
 from worker.core.learner import Learner, StepStats
 from worker.core.media import Clip
 from worker.monitoring import MonitorConfig, StreamMonitor
+from worker.publishing import Stamp
 from worker.queue import Delivery
 from worker.runner import BatchReport, Fetched, Worker, _fell_back
 from worker.settings import WorkerSettings
@@ -75,12 +81,14 @@ class Vote:
     stop: bool = False  # asked to stop (group: any rank was)
     checkpoint: bool = False  # its policy asks for a checkpoint (group: any rank's does)
     paused: bool = False  # the operator paused learning (rank 0 reads it)
+    probes: bool = False  # it has probe clips (group: any has: rank 0 gathers them)
     durable: int = -1  # version_key of its newest durable checkpoint, -1 none (group: min)
     learned: int = 0  # clips it learned, for rank 0's heartbeat (group: sum)
     unacked: int = 0  # clips it published and has not acked yet (group: sum)
 
     def as_row(self) -> list[int]:
-        return [self.step, self.stop, self.checkpoint, self.paused, self.durable, *self.counts]
+        flags = [self.step, self.stop, self.checkpoint, self.paused, self.probes]
+        return [*flags, self.durable, *self.counts]
 
     @property
     def counts(self) -> list[int]:
@@ -89,16 +97,9 @@ class Vote:
     @classmethod
     def of_group(cls, rows: list[list[int]]) -> Vote:
         """Every rank's row -> the group's answer (each rank computes the same)."""
-        step, stop, checkpoint, paused, durable, learned, unacked = zip(*rows, strict=True)
-        return cls(
-            any(step),
-            any(stop),
-            any(checkpoint),
-            any(paused),
-            min(durable),
-            sum(learned),
-            sum(unacked),
-        )
+        step, stop, checkpoint, paused, probes, durable, learned, unacked = zip(*rows, strict=True)
+        flags = (any(step), any(stop), any(checkpoint), any(paused), any(probes))
+        return cls(*flags, min(durable), sum(learned), sum(unacked))
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class RankGroup:
         return dist.PrefixStore(f"flava-attempt-{attempt}", store)
 
     def vote(self, mine: Vote) -> Vote:
-        """The group's answer: one all-gather of every rank's 7 integers."""
+        """The group's answer: one all-gather of every rank's 8 integers."""
         row = torch.tensor([int(v) for v in mine.as_row()], dtype=torch.int64)
         row = row.to(_collective_device())
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
@@ -218,6 +219,7 @@ class RankWorker(Worker):
         self.learner.gradients = AllReduceGradients()
         self.checkpoints.hold_acks = True
         self.agreed = Vote()  # the group's answer to the last vote
+        self._probes: list[tuple] = []  # (entry, clip, emb_a, emb_v) of this batch's probes
         if not group.leader:
             self.lease = FollowerLease()  # type: ignore[assignment]
 
@@ -256,6 +258,8 @@ class RankWorker(Worker):
         paused = self.agreed.paused
         fetched, self._ahead = self._ahead or self._fetch_unless(paused), None
         report = self.process(fetched)
+        if self.agreed.probes:
+            self._gather_probes()
         if report.stats is None:
             self.monitor.catch_up(self.counters.step, self.version)
         self._remove_finished_uploads()
@@ -272,28 +276,62 @@ class RankWorker(Worker):
     def _read_ahead(self) -> None:
         """Deferred to after the vote (``_learn``): not when the group is stopping."""
 
+    def _read_ahead_now(self) -> None:
+        """The next batch, read while this step runs. A Redis error here must not end the
+        iteration: the other ranks are already in this step's all-reduce."""
+        try:
+            super()._read_ahead()
+        except RedisError as exc:
+            log.warning("reading ahead failed (%s): the batch is read next iteration", exc)
+            self._ahead = None
+            self.queue.reread_pending()  # what that read delivered comes first
+
     def _learn(self, clips: list[tuple[Delivery, Clip]]) -> StepStats | None:
         """Vote, checkpoint if agreed, then step with this rank's clips or sit out."""
         train = [c for d, c in clips if d.entry.purpose == "train"]
-        self.agreed = self.group.vote(self._my_vote(bool(train)))
+        probes = any(d.entry.purpose == "probe" for d, _ in clips)
+        self.agreed = self.group.vote(self._my_vote(bool(train), probes))
         if self.agreed.checkpoint:
             self.checkpoints.start_now(self._snapshot)  # every rank at the same version
         self._release(self.agreed)
         if not self.agreed.stop and not self.agreed.paused:
-            super()._read_ahead()  # decodes while the step runs
+            self._read_ahead_now()  # decodes while the step runs
         if not self.agreed.step:
             return None
         if train:
             return super()._learn(clips)
         return self._applied(self.learner.sit_out())
 
-    def _my_vote(self, has_clips: bool) -> Vote:
+    def _my_vote(self, has_clips: bool, has_probes: bool) -> Vote:
         self.checkpoints.collect()
         stop = self._stop is not None and self._stop.is_set()
         due = self.checkpoints.due(idle=not has_clips)
         paused = self.control.paused if self.group.leader else False
         counts = (self.counters.clips_learned, self.checkpoints.waiting)
-        return Vote(has_clips, stop, due, paused, self.checkpoints.durable, *counts)
+        return Vote(has_clips, stop, due, paused, has_probes, self.checkpoints.durable, *counts)
+
+    def _publish(
+        self, clips: list[tuple[Delivery, Clip]], report: BatchReport, before: Stamp
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As a worker publishes; a rank other than 0 keeps its probes for rank 0."""
+        emb_a, emb_v = super()._publish(clips, report, before)
+        if not self.group.leader:
+            rows = [i for i, (d, _) in enumerate(clips) if d.entry.purpose == "probe"]
+            self._probes = [(clips[i][0].entry, clips[i][1], emb_a[i], emb_v[i]) for i in rows]
+        return emb_a, emb_v
+
+    def _gather_probes(self) -> None:
+        """Rank 0's monitors keep every rank's probe clips (the forgetting figures need
+        them all; a rank's share would be a sample): one gather to rank 0."""
+        mine = [(e, c, a.cpu(), v.cpu()) for e, c, a, v in self._probes]
+        self._probes = []
+        parts: list[Any] = [None] * self.group.world_size if self.group.leader else []
+        dist.gather_object(mine, parts if self.group.leader else None, dst=0)
+        probes = [p for part in parts for p in (part or [])]
+        if probes:
+            entries, clips, emb_a, emb_v = zip(*probes, strict=True)
+            self.monitor.observe(list(entries), list(clips), torch.stack(emb_a), torch.stack(emb_v))
+            self.monitor.publish(self.counters.step, self.version)
 
     def _release(self, agreed: Vote) -> None:
         self.checkpoints.release(agreed.durable)

@@ -4,6 +4,7 @@ with nothing lost; SIGTERM drains every rank; the ranks take the same steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,11 @@ def chain(directory: Path) -> list[str]:
     return [c for seg in ledger_chain(directory, head) for c in seg.clip_ids]
 
 
+def probes_kept(client: redis.Redis, keys: wire.Keys) -> int:
+    summary = json.loads(client.get(keys.monitor) or "{}")
+    return summary.get("windows", {}).get("held-out", {}).get("probes", 0)
+
+
 def group_learned(client: redis.Redis, keys: wire.Keys) -> int:
     return int(client.hget(keys.model, "clips_learned") or 0)
 
@@ -104,6 +110,7 @@ def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
     redis_url, client, prefix, tmp_path, clips
 ):
     keys = wire.Keys(prefix)
+    probes = [enqueue(client, keys, c, "probe", "held-out") for c in stream_clips(6, seed=12)]
     ids = [enqueue(client, keys, c) for c in clips]
     log = tmp_path / "group.log"
     proc = start_group(group_env(redis_url, prefix, tmp_path), log)
@@ -116,6 +123,8 @@ def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
         wait_for(lambda: states(client, keys, ids)["learned"] == len(ids), 300, proc, log)
         # rank 0 reports the group's count: both ranks' clips, the re-learned ones once
         wait_for(lambda: group_learned(client, keys) == len(ids), 60, proc, log)
+        # rank 0's monitor keeps every probe, whichever rank read it
+        wait_for(lambda: probes_kept(client, keys) == len(probes), 60, proc, log)
     finally:
         code = stop(proc)
     text = log.read_text()
@@ -127,6 +136,7 @@ def test_a_killed_rank_restarts_the_group_and_nothing_is_lost(
     learned = chain(ckpt) + chain(ckpt / "rank-1")
     assert sorted(learned) == sorted(ids)  # every clip in one rank's chain, once
     assert client.xpending(keys.stream, wire.GROUP)["pending"] == 0
+    assert states(client, keys, probes)["probed"] == len(probes)
     assert code == 0 or "got signal: 15" in text, text[-3000:]
 
 
@@ -167,10 +177,11 @@ def test_the_group_answer_is_any_flag_the_oldest_durable_and_summed_counts():
     rows = [
         Vote(step=True, durable=20, learned=5, unacked=2).as_row(),
         Vote(stop=True, durable=10, learned=7).as_row(),
-        Vote(checkpoint=True, paused=True, durable=30, unacked=1).as_row(),
+        Vote(checkpoint=True, paused=True, probes=True, durable=30, unacked=1).as_row(),
     ]
     group = Vote.of_group(rows)
-    assert (group.step, group.stop, group.checkpoint, group.paused) == (True, True, True, True)
+    flags = (group.step, group.stop, group.checkpoint, group.paused, group.probes)
+    assert flags == (True,) * 5
     assert (group.durable, group.learned, group.unacked) == (10, 12, 3)
     assert Vote.of_group([Vote().as_row(), Vote(durable=4).as_row()]) == Vote(durable=-1)
 
