@@ -5,6 +5,7 @@ The paper's efficiency table (one V100, batch 9, base preset): ER 17.70 samples/
 
     python -m bench.gpu --device cuda --preset base --batch 9      # what bench/gpu.sh runs
     python -m bench.gpu --device cpu --preset tiny --batch 2       # checks the script on a CPU
+    python -m bench.gpu --methods '' --out /tmp/embed                # the embedding figure only
 
 Each method in turn, in one process: build the learner (bf16 autocast on CUDA, the paper's
 Adam), ``--warmup`` steps (the replay memory fills; FLAVA selects from the first step, as it
@@ -12,6 +13,13 @@ does with a pretrained AVM), reset the peak-memory counter, ``--steps`` timed st
 counts the current clips of a step (``--batch``), as the paper does; peak memory is
 torch.cuda.max_memory_allocated (tensors; the caching allocator reserves more, reported too).
 Inputs are random normalised tensors: step cost does not depend on content.
+
+Then the embedding model at batch 1 vs 16 (issue 15 §1's dynamic-batching figure, where it
+matters: on one CPU thread a call of 1 already keeps the core busy, bench/embed_batching.py):
+16 pre-decoded clips on the CPU embedded as the embedder does it (stack, copy to the device,
+``AVMAE.embed`` under inference mode and bf16 autocast, float32 back on the CPU) in calls of 1
+and in one call of 16, ``--embed-rounds`` rounds alternating the sides; samples/s of each and
+their ratio go to the JSON's ``embed_batching``. ``--embed-rounds 0`` leaves it out.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench import embed_batching
 from worker.core.learner import Batch, Learner, LearnerConfig, build_learner
 from worker.core.model import preset
 
@@ -47,6 +56,8 @@ class GpuConfig:
     steps: int = 20
     memory_size: int = 2000  # replay clips, kept on the CPU (as the authors do)
     methods: tuple[str, ...] = ("finetune", "er", "flava")
+    embed_batches: tuple[int, ...] = (1, 16)  # embedding model call sizes compared
+    embed_rounds: int = 20  # rounds of the embedding comparison (0: none)
 
 
 @dataclass
@@ -134,6 +145,55 @@ def run(cfg: GpuConfig) -> list[MethodResult]:
     return results
 
 
+def embed_batching_result(cfg: GpuConfig) -> dict:
+    """Samples/s of the embedding model in calls of each of ``cfg.embed_batches`` clips.
+
+    On CUDA also in float32 (``fp32``), as worker/embedder.py's ``embed_clips`` runs today
+    (the learner embeds under bf16 autocast): the gain a bf16 embedder would bring.
+    """
+    model = embed_batching.build_model(cfg.preset, cfg.device)
+    clips = embed_batching.random_clips(cfg.preset, max(cfg.embed_batches))
+    result = _embed_sides(cfg, model, clips, amp=True)
+    result.update(preset=cfg.preset, bf16_autocast=cfg.device.startswith("cuda"))
+    if cfg.device.startswith("cuda"):
+        result["fp32"] = _embed_sides(cfg, model, clips, amp=False)
+    del model
+    release(cfg.device)
+    return result
+
+
+def _embed_sides(cfg: GpuConfig, model, clips, amp: bool) -> dict:
+    sides = embed_batching.time_sides(
+        model, clips, cfg.embed_batches, cfg.embed_rounds, cfg.device, amp
+    )
+    return {
+        "clips": len(clips),
+        "rounds": cfg.embed_rounds,
+        "samples_per_s": {str(s.batch): s.clips_per_s for s in sides},
+        "ratio": embed_batching.speedup(sides),
+        "sides": [asdict(s) for s in sides],
+    }
+
+
+def embed_markdown(result: dict) -> list[str]:
+    rates = ", ".join(f"batch {b}: {v:.1f}" for b, v in result["samples_per_s"].items())
+    return [
+        "",
+        f"Embedding model ({result['preset']}, bf16 autocast {result['bf16_autocast']}, "
+        f"{result['clips']} pre-decoded clips, median of {result['rounds']} rounds), "
+        f"samples/s {rates}; ratio {result['ratio']:.2f}x (issue 15 §1 target >= 2x).",
+    ] + _fp32_line(result.get("fp32"))
+
+
+def _fp32_line(fp32: dict | None) -> list[str]:
+    if fp32 is None:
+        return []
+    rates = ", ".join(f"batch {b}: {v:.1f}" for b, v in fp32["samples_per_s"].items())
+    return [
+        f"The same in float32 (the embedder today): samples/s {rates}; ratio {fp32['ratio']:.2f}x."
+    ]
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -177,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--memory-size", type=int, default=2000)
     p.add_argument("--methods", default="finetune,er,flava")
+    p.add_argument("--embed-batches", default="1,16", help="embedding call sizes compared")
+    p.add_argument("--embed-rounds", type=int, default=20, help="0: no embedding comparison")
     p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -192,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup,
         args.steps,
         args.memory_size,
-        tuple(args.methods.split(",")),
+        tuple(m for m in args.methods.split(",") if m),  # "": the embedding comparison only
+        tuple(int(b) for b in args.embed_batches.split(",")),
+        args.embed_rounds,
     )
     results = run(cfg)
     text = markdown(results, cfg)
+    embedding = embed_batching_result(cfg) if cfg.embed_rounds > 0 else None
+    if embedding is not None:
+        text += "\n".join(embed_markdown(embedding)) + "\n"
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         }
         body["results"] = [asdict(r) for r in results]
+        if embedding is not None:
+            body["embed_batching"] = embedding
         args.out.with_suffix(".json").write_text(json.dumps(body, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(text)
     return 0
