@@ -63,8 +63,10 @@ def run_pretrain(job: PretrainJob, argv: list[str] | None = None) -> int:
     state = job.work_dir / f"state-{job.preset}-{_key(job)}.pt"
     result = pretrain(data["train"], data["heldout"], cfg, progress=bar.update, resume=state)
     bar.close()
-    unseen = _unseen_accuracy(result, cfg, data["unseen"])
+    learner = _pretrained_learner(result, cfg)
+    unseen = _unseen_accuracy(learner, data["unseen"])
     card = _card(job, cfg, result.log, unseen, argv, time.perf_counter() - started)
+    card["backbone_retrieval"] = _backbone_retrieval(learner, data["heldout"])
     path = write_weights(result, job.out / f"{job.preset}.pt", card)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), card {path.with_suffix('.json')}")
     print(
@@ -123,16 +125,32 @@ def _generate(job: PretrainJob) -> dict[str, Any]:
     return out
 
 
-def _unseen_accuracy(result: Any, cfg: Any, unseen: Any) -> float:
+def _pretrained_learner(result: Any, cfg: Any) -> Any:
+    """A flava learner holding the pretrained backbone and AVM."""
     from worker.core.learner import LearnerConfig, build_learner
     from worker.core.model import preset
-    from worker.core.pretrain import avm_matching_accuracy
 
     learner = build_learner("flava", preset(cfg.preset), LearnerConfig(memory_size=1))
     learner.model.load_state_dict(result.model)
-    avm = learner.extra_modules["avm"]
-    avm.load_state_dict(result.avm)
-    return avm_matching_accuracy(learner.model, avm, unseen)
+    learner.extra_modules["avm"].load_state_dict(result.avm)
+    return learner
+
+
+def _unseen_accuracy(learner: Any, unseen: Any) -> float:
+    from worker.core.pretrain import avm_matching_accuracy
+
+    return avm_matching_accuracy(learner.model, learner.extra_modules["avm"], unseen)
+
+
+def _backbone_retrieval(learner: Any, heldout: Any) -> dict[str, Any]:
+    """Instance-level R@1/5/10 (%) of the held-out pretraining scenes among themselves: each
+    clip's own pair is the hit; chance R@k = 100 k / N."""
+    from worker.core.clipset import embed_clips
+    from worker.core.retrieval import recall_at_k
+
+    n = len(heldout)
+    recalls = recall_at_k(*embed_clips(learner, heldout))
+    return {**recalls, "clips": n, "chance_r1": 100 / n, "chance_r10": 100 * min(10, n) / n}
 
 
 def write_weights(result: Any, path: Path, card: dict[str, Any]) -> Path:
