@@ -57,6 +57,7 @@ class GroupResult:
     ranks: int
     step_s: list[float] = field(default_factory=list)  # slowest rank's wall time per step
     allreduce_s: list[float] = field(default_factory=list)  # rank 0's gradient all-reduce
+    cpu_s: list[float] = field(default_factory=list)  # rank 0's CPU time per step
 
     def samples_per_s(self, batch: int) -> float:
         return self.ranks * batch / statistics.median(self.step_s)
@@ -64,7 +65,7 @@ class GroupResult:
 
 # ---- one rank --------------------------------------------------------------------------
 def rank_child(rank: int, world: int, rendezvous: str, cfg: RanksConfig) -> dict[str, list]:
-    """Steps of one rank: {"step_s": [...], "allreduce_s": [...]} (alone: no group)."""
+    """Steps of one rank: {"step_s", "allreduce_s", "cpu_s": [per step]} (alone: no group)."""
     import torch
     import torch.distributed as dist
 
@@ -81,15 +82,16 @@ def rank_child(rank: int, world: int, rendezvous: str, cfg: RanksConfig) -> dict
     if timed is not None:
         learner.gradients = timed
     batches = random_batches(cfg.preset, cfg.batch, 4)
-    out: dict[str, list] = {"step_s": [], "allreduce_s": []}
+    out: dict[str, list] = {"step_s": [], "allreduce_s": [], "cpu_s": []}
     for i in range(cfg.warmup + cfg.steps):
         _barrier(world, device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         learner.step(batches[i % len(batches)])
         _sync(device)
         if i >= cfg.warmup:
             out["step_s"].append(time.perf_counter() - start)
             out["allreduce_s"].append(timed.last_s if timed is not None else 0.0)
+            out["cpu_s"].append(time.process_time() - cpu)
     if world > 1:
         dist.destroy_process_group()
     return out
@@ -145,7 +147,7 @@ def run_group(world: int, cfg: RanksConfig, workdir: Path) -> GroupResult:
             rank_child, [(r, world, rendezvous, cfg) for r in range(world)]
         )
     steps = [max(per_rank) for per_rank in zip(*(r["step_s"] for r in results), strict=True)]
-    return GroupResult(world, steps, results[0]["allreduce_s"])
+    return GroupResult(world, steps, results[0]["allreduce_s"], results[0]["cpu_s"])
 
 
 def measure(cfg: RanksConfig) -> dict[int, GroupResult]:
@@ -156,6 +158,7 @@ def measure(cfg: RanksConfig) -> dict[int, GroupResult]:
                 got = run_group(n, cfg, Path(tmp))
                 groups[n].step_s += got.step_s
                 groups[n].allreduce_s += got.allreduce_s
+                groups[n].cpu_s += got.cpu_s
                 log.info("round %d, %d ranks: median step %.3f s", round_, n, _median(got.step_s))
     return groups
 
@@ -263,6 +266,7 @@ def report(cfg: RanksConfig, groups: dict[int, GroupResult], model: dict | None)
             "step_s_median": _median(g.step_s),
             "step_s_p10_p90": _spread(g.step_s),
             "allreduce_s_median": _median(g.allreduce_s),
+            "cpu_s_median": _median(g.cpu_s),
             "steps": len(g.step_s),
         }
         for n, g in groups.items()
@@ -285,15 +289,16 @@ def summary_markdown(result: dict, command: str) -> str:
         f"(+{cfg['batch']} replayed), device {cfg['device']}, one torch thread per rank on a CPU, "
         f"{cfg['rounds']} rounds x {cfg['steps']} timed steps per group size, alternating.",
         "",
-        "| ranks | samples/s | scaling vs 1 rank | step median [p10-p90] | all-reduce median |",
-        "|---|---|---|---|---|",
+        "| ranks | samples/s | scaling vs 1 rank | step median [p10-p90] | all-reduce median "
+        "| CPU time per step (rank 0) |",
+        "|---|---|---|---|---|---|",
     ]
     for n, m in result["measured"].items():
         p10, p90 = m["step_s_p10_p90"]
         lines.append(
             f"| {n} | {m['samples_per_s']:.2f} | {m['scaling']:.2f}x | "
             f"{m['step_s_median'] * 1e3:.0f} [{p10 * 1e3:.0f}-{p90 * 1e3:.0f}] ms | "
-            f"{m['allreduce_s_median'] * 1e3:.1f} ms |"
+            f"{m['allreduce_s_median'] * 1e3:.1f} ms | {m['cpu_s_median'] * 1e3:.0f} ms |"
         )
     if result["model"] is not None:
         lines += ["", *_model_lines(result["model"])]
@@ -339,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ranks", default="1,2", help="group sizes, e.g. 1,8")
     p.add_argument("--steps", type=int, help="timed steps per round")
+    p.add_argument("--rounds", type=int, help="rounds per group size")
     p.add_argument("--no-model", action="store_true", help="skip the GPU scaling model")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch,
     )
     cfg.ranks = tuple(int(n) for n in args.ranks.split(","))
-    cfg.steps = args.steps or cfg.steps
+    cfg.steps, cfg.rounds = args.steps or cfg.steps, args.rounds or cfg.rounds
     model = None if args.no_model else scaling_model(cfg.method, 9, GpuAssumptions())
     result = report(cfg, measure(cfg), model)
     args.out.mkdir(parents=True, exist_ok=True)

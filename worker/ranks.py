@@ -48,6 +48,7 @@ import redis
 import torch
 import torch.distributed as dist
 from redis.exceptions import RedisError
+from torch import Tensor
 
 from worker.checkpoint import checkpoint_name, load_checkpoint, load_newest, version_of
 from worker.checkpointing import version_key
@@ -88,11 +89,7 @@ class Vote:
 
     def as_row(self) -> list[int]:
         flags = [self.step, self.stop, self.checkpoint, self.paused, self.probes]
-        return [*flags, self.durable, *self.counts]
-
-    @property
-    def counts(self) -> list[int]:
-        return [self.learned, self.unacked]
+        return [*flags, self.durable, self.learned, self.unacked]
 
     @classmethod
     def of_group(cls, rows: list[list[int]]) -> Vote:
@@ -194,6 +191,32 @@ def _collective_device() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
+class ProbeRelay:
+    """Probe clips of the ranks other than 0, for rank 0's monitors: the forgetting figures
+    need every probe, and each rank reads only its share of the stream."""
+
+    def __init__(self, group: RankGroup) -> None:
+        self.group = group
+        self.held: list[tuple] = []  # (entry, clip, emb_a (D,), emb_v (D,)) of this batch
+
+    def keep(self, clips: list[tuple[Delivery, Clip]], emb_a: Tensor, emb_v: Tensor) -> None:
+        rows = [i for i, (d, _) in enumerate(clips) if d.entry.purpose == "probe"]
+        self.held = [(clips[i][0].entry, clips[i][1], emb_a[i].cpu(), emb_v[i].cpu()) for i in rows]
+
+    def gather(self, monitor: StreamMonitor) -> bool:
+        """One gather to rank 0 (every rank calls it); rank 0's monitor keeps what came.
+        True on rank 0 when probes came."""
+        mine, self.held = self.held, []
+        parts: list[Any] = [None] * self.group.world_size if self.group.leader else []
+        dist.gather_object(mine, parts if self.group.leader else None, dst=0)
+        probes = [p for part in parts for p in (part or [])]
+        if not probes:
+            return False
+        entries, clips, emb_a, emb_v = zip(*probes, strict=True)
+        monitor.observe(list(entries), list(clips), torch.stack(emb_a), torch.stack(emb_v))
+        return True
+
+
 class FollowerLease:
     """A rank other than 0 holds no lease: rank 0's covers the group."""
 
@@ -219,7 +242,7 @@ class RankWorker(Worker):
         self.learner.gradients = AllReduceGradients()
         self.checkpoints.hold_acks = True
         self.agreed = Vote()  # the group's answer to the last vote
-        self._probes: list[tuple] = []  # (entry, clip, emb_a, emb_v) of this batch's probes
+        self.probes = ProbeRelay(group)
         if not group.leader:
             self.lease = FollowerLease()  # type: ignore[assignment]
 
@@ -316,21 +339,11 @@ class RankWorker(Worker):
         """As a worker publishes; a rank other than 0 keeps its probes for rank 0."""
         emb_a, emb_v = super()._publish(clips, report, before)
         if not self.group.leader:
-            rows = [i for i, (d, _) in enumerate(clips) if d.entry.purpose == "probe"]
-            self._probes = [(clips[i][0].entry, clips[i][1], emb_a[i], emb_v[i]) for i in rows]
+            self.probes.keep(clips, emb_a, emb_v)
         return emb_a, emb_v
 
     def _gather_probes(self) -> None:
-        """Rank 0's monitors keep every rank's probe clips (the forgetting figures need
-        them all; a rank's share would be a sample): one gather to rank 0."""
-        mine = [(e, c, a.cpu(), v.cpu()) for e, c, a, v in self._probes]
-        self._probes = []
-        parts: list[Any] = [None] * self.group.world_size if self.group.leader else []
-        dist.gather_object(mine, parts if self.group.leader else None, dst=0)
-        probes = [p for part in parts for p in (part or [])]
-        if probes:
-            entries, clips, emb_a, emb_v = zip(*probes, strict=True)
-            self.monitor.observe(list(entries), list(clips), torch.stack(emb_a), torch.stack(emb_v))
+        if self.probes.gather(self.monitor):
             self.monitor.publish(self.counters.step, self.version)
 
     def _release(self, agreed: Vote) -> None:

@@ -15,6 +15,7 @@ def test_two_ranks_step_in_lockstep_and_report(tmp_path):
     group = perf_ranks.run_group(2, cfg, tmp_path)
     assert len(group.step_s) == 2 and all(s > 0 for s in group.step_s)
     assert all(s > 0 for s in group.allreduce_s)  # the gradients went through gloo
+    assert len(group.cpu_s) == 2 and all(s > 0 for s in group.cpu_s)
     alone = perf_ranks.run_group(1, cfg, tmp_path)
     assert alone.allreduce_s == [0.0, 0.0]
     result = perf_ranks.report(cfg, {1: alone, 2: group}, None)
