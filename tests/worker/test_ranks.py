@@ -186,6 +186,14 @@ def test_the_group_answer_is_any_flag_the_oldest_durable_and_summed_counts():
     assert Vote.of_group([Vote().as_row(), Vote(durable=4).as_row()]) == Vote(durable=-1)
 
 
+def test_worker_main_is_flava_worker_for_torchrun():
+    """`torchrun ... -m worker.main` runs what `flava worker` runs (here its --help)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.main", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--nproc" in done.stdout
+
+
 def test_rank_settings_name_the_consumer_host_and_rank(worker_settings, tmp_path):
     base = worker_settings(consumer="host", seed=4)
     zero = RankGroup(0, 2, 0).settings_for(base)
