@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -171,6 +172,38 @@ def test_sigterm_drains_every_rank_at_one_version(
     assert sorted(chain(ckpt) + chain(ckpt / "rank-1")) == sorted(
         c for c in ids if client.hget(keys.clip(c), "state") == b"learned"
     )
+
+
+def test_a_plain_workers_checkpoint_continues_as_a_group(
+    redis_url, client, prefix, tmp_path, clips, worker_settings
+):
+    """Growing from 1 process to 2 ranks: rank 0 resumes the plain worker's checkpoint, rank
+    1 has none and takes rank 0's weights; the lineage goes on, nothing is lost."""
+    keys = wire.Keys(prefix)
+    first = [enqueue(client, keys, c) for c in clips[:8]]
+    plain = worker_settings(
+        consumer="host",
+        method="er",
+        init_weights="none",
+        batch_size=2,
+        max_steps=4,
+        decode_processes=1,
+        inputs_dir="",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    Worker(plain, client).run(threading.Event())  # 4 steps, then a checkpoint and the acks
+    assert states(client, keys, first)["learned"] == len(first)
+    second = [enqueue(client, keys, c) for c in clips[8:16]]
+    log = tmp_path / "group.log"
+    proc = start_group(group_env(redis_url, prefix, tmp_path), log)
+    try:
+        wait_for(lambda: states(client, keys, second)["learned"] == len(second), 180, proc, log)
+    finally:
+        stop(proc)
+    version = wire.ModelVersion.parse(client.hget(keys.model, "version").decode())
+    assert version.generation == 2 and version.updates > 4  # the plain worker's lineage on
+    ckpt = tmp_path / "ckpt"
+    assert sorted(chain(ckpt) + chain(ckpt / "rank-1")) == sorted(first + second)
 
 
 def test_the_group_answer_is_any_flag_the_oldest_durable_and_summed_counts():
