@@ -65,8 +65,11 @@ def summarize(reports: dict[int, dict]) -> dict:
         "wall_seconds": [r.get("wall_seconds") for r in reports.values()],
         "targets": {
             "learned_1.5x_frozen_after_first": _gain_met(gains),
+            # in every run, not on average: one demo is what a user sees
             "r1_3x_chance_every_segment": all(
-                s["r1_a2v"]["mean"] >= 3 * chance for s in segments.values()
+                row["r1_a2v"] >= 3 * chance
+                for r in reports.values()
+                for row in r["segments"].values()
             ),
             "selection_from_update_1": all(
                 r["selection_on_at_update"] == 1 for r in reports.values()

@@ -97,6 +97,8 @@ def start_services(cfg: DemoConfig, workdir: Path) -> Services:
         "FLAVA_KEY_PREFIX": KEY_PREFIX,
         "FLAVA_MONITOR_EVERY": "4",  # re-evaluate the probes every 4 updates
         "FLAVA_MONITOR_WINDOW": "32",
+        # every probe of a segment counts in its forgetting, not only the first 64
+        "FLAVA_MONITOR_PROBES_PER_WINDOW": str(cfg.probes_per_segment),
         "FLAVA_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "FLAVA_BLOB_DIR": str(workdir / "blobs"),
         "FLAVA_INPUTS_DIR": str(workdir / "inputs"),
