@@ -174,6 +174,23 @@ def _avm_config(model: AVMAE) -> Any:
     return learner.extra_modules["avm"].cfg
 
 
+def write_summary(out: Path) -> Path:
+    """summary.md: one table row per variant and evaluation, from the *.jsonl curves in out."""
+    lines = [
+        "| variant | updates | train (last 200) | held | unseen | loc. AUC unseen | shuffled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(out.glob("*.jsonl")):
+        for row in map(json.loads, path.read_text().splitlines()):
+            figures = (row["train_acc_last200"], row["held_acc"], row["unseen_acc"])
+            figures += (row["unseen_auc"], row["unseen_auc_shuffled"])
+            cells = " | ".join(f"{v:.3f}" for v in figures)
+            lines.append(f"| {row['variant']} | {row['updates']} | {cells} |")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _loaded_avm(weights: Path) -> AVM:
     learner = build_learner("flava", preset("tiny"), LearnerConfig(memory_size=1))
     warm_start(learner, weights)
@@ -192,8 +209,8 @@ def load(args: argparse.Namespace) -> tuple[AVMAE, dict[str, ClipSet]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="flava pretrain's data file")
-    p.add_argument("--weights", type=Path, required=True, help="the frozen backbone")
+    p.add_argument("--data", type=Path, help="flava pretrain's data file")
+    p.add_argument("--weights", type=Path, help="the frozen backbone")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=1000)
@@ -203,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ablate", action="store_true", help="what the AVM in --weights uses")
+    p.add_argument("--summary", action="store_true", help="only tabulate the curves in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.summary:
+        print(write_summary(args.out).read_text())
+        return 0
     model, sets = load(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.ablate:
@@ -226,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
             avm = train_variant(name, model, sets, codes, args, report)
         torch.save(avm.state_dict(), args.out / f"{name}-avm.pt")
+    write_summary(args.out)
     return 0
 
 

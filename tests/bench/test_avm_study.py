@@ -67,6 +67,8 @@ def test_variants_train_and_report_their_curves(data_file: Path, tmp_path: Path)
             assert 0.0 <= row["held_acc"] <= 1.0 and 0.0 <= row["unseen_acc"] <= 1.0
             assert 0.0 <= row["unseen_auc"] <= 1.0
         assert (tmp_path / f"{name}-avm.pt").stat().st_size > 0
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * len(avm_study.VARIANTS)  # header + a row per evaluation
 
 
 def test_ablation_of_the_shipped_avm(data_file: Path, tmp_path: Path):
