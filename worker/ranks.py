@@ -387,14 +387,15 @@ class RankWorker(Worker):
     # ---- start: one version, one generation, equal weights ---------------------------
     def restore(self) -> bool:
         """Resume every rank from the newest version all ranks hold a checkpoint of, then
-        take rank 0's weights, optimizer and counters (equal already after a resume; a rank
-        added since has no checkpoint and starts with an empty memory)."""
+        take one resumed rank's weights, optimizer and counters (equal already after a
+        resume; a rank added since has no checkpoint and starts with an empty memory)."""
         directory = self.settings.checkpoint_dir
         newest = load_newest(directory, _fell_back, self.checkpoints.read_segments)
         mine = version_key(_version_name(newest[0])) if newest else NOTHING_HELD
         target = self.group.lowest(mine)  # the newest version every rank that has any holds
         if newest is not None and mine != target:
             newest = self._load_version(target)
+        weights = newest is not None and "model" in newest[1]["learner"]  # rank 0's holds them
         if newest is not None:
             path, state, segments = newest
             state["learner"] = {**self.learner.state_dict(), **state["learner"]}  # rank r > 0:
@@ -402,7 +403,7 @@ class RankWorker(Worker):
             self.checkpoints.durable = target
         else:
             self._cold_start()
-        self._take_leaders_state()
+        self._take_shared_state(newest is not None, weights)
         return newest is not None
 
     def _snapshot(self) -> tuple[str, dict]:
@@ -415,15 +416,32 @@ class RankWorker(Worker):
         return version, state
 
     def _load_version(self, key: int) -> tuple[Any, dict, list[dict] | None]:
+        """This rank's checkpoint of the group's common version (it has newer ones)."""
         generation, updates = divmod(key, 10**10)
         path = self.checkpoints.writer.directory / checkpoint_name(generation, updates)
+        if not path.exists():
+            raise RuntimeError(
+                f"rank {self.group.rank} has no checkpoint {path.name}, the newest version "
+                "every rank holds: the ranks' checkpoint directories are not one group's "
+                "(FLAVA_CHECKPOINT_DIR and its rank-r folders must be used together)"
+            )
         state = load_checkpoint(path)
         return path, state, self.checkpoints.read_segments(state)
 
-    def _take_leaders_state(self) -> None:
-        broadcast_learner(self.learner, src=0)
+    def _take_shared_state(self, resumed: bool, weights: bool) -> None:
+        """Weights, optimizer and counters from the rank that resumed the checkpoint holding
+        them (rank 0's directory), or rank 0's start when no rank has a checkpoint."""
+        src = self.group.lowest(self.group.rank if weights else NOTHING_HELD)
+        if src == NOTHING_HELD and self.group.highest(int(resumed)):
+            raise RuntimeError(
+                "ranks resumed checkpoints but none holds the weights (they are in rank 0's "
+                "FLAVA_CHECKPOINT_DIR): across machines give every node the same checkpoint "
+                "volume, or fixed node ranks (docs/distributed.md)"
+            )
+        src = 0 if src == NOTHING_HELD else src
+        broadcast_learner(self.learner, src=src)
         shared: list[Any] = [(self.counters.updates, self.counters.step)]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=src)
         self.counters.updates, self.counters.step = shared[0]
 
     def _claim_generation(self, published: int) -> int:
