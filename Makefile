@@ -3,13 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck bench-continual bench-perf bench-chaos clean
+.PHONY: demo test lint typecheck lock bench-continual bench-perf bench-chaos clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/torch.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch pinned: this exact version is a CPU build on this machine's disk; others pull CUDA
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned: this exact version is a CPU build on this machine's disk, and it then
+	# meets pyproject's torch range; resolved from the range alone pip would pull a CUDA build
+	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -30,6 +31,19 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# The images' pinned sets (Dockerfile): requirements/api.txt and worker.txt, every package with
+# its hashes, compiled from pyproject's extras by pip-tools (uv is not used: it does not see the
+# CPU torch on our disk). torch itself is left out of worker.txt (the image takes the build its
+# TORCH_VERSION and index name) but its dependencies are pinned as requirements/torch.txt's
+# version needs them. Kept pins stay; LOCK_ARGS=--upgrade takes the newest allowed versions.
+LOCK_ARGS ?=
+LOCK := CUSTOM_COMPILE_COMMAND='make lock' $(VENV)/bin/pip-compile --quiet --generate-hashes \
+	--strip-extras --no-emit-index-url --no-emit-find-links --constraint requirements/torch.txt \
+	--unsafe-package torch $(LOCK_ARGS)
+lock: $(STAMP)
+	$(LOCK) --extra api --output-file requirements/api.txt pyproject.toml
+	$(LOCK) --extra worker --output-file requirements/worker.txt pyproject.toml
 
 # The continual benchmark (bench/continual/): every method side by side on the localized and
 # synthetic sequences and AV-Digits; CONTINUAL_MODE=quick (under a minute) or full (the

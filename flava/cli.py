@@ -7,12 +7,26 @@ Each subcommand imports only what it needs, so ``flava serve`` never loads torch
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
 from flava.procs import idle_openmp_threads_sleep  # before any subcommand imports torch
+
+# The pyproject.toml extra that brings what each command imports beyond the base dependencies
+# (the others need only those): the API image has no torch, the worker image no FastAPI.
+EXTRAS = {
+    "serve": "api",
+    "worker": "worker",
+    "embedder": "worker",
+    "reembed": "worker",
+    "pretrain": "worker",
+    "demo": "demo",
+    "bench": "dev",
+}
+OUR_PACKAGES = frozenset({"contract", "service", "worker", "flava", "bench"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +38,28 @@ def main(argv: list[str] | None = None) -> int:
     from contract.redact import install as redact_logs
 
     redact_logs()  # no password (FLAVA_REDIS_URL) or token in any log line of the process
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except ModuleNotFoundError as exc:
+        if not _installable(exc.name):
+            raise
+        print(_missing_extra(args.command, exc.name), file=sys.stderr)
+        return 2
+
+
+def _installable(module: str | None) -> bool:
+    """Whether ``module`` is a third-party one, which an extra of ours brings."""
+    top = (module or "").split(".")[0]
+    return bool(top) and top not in sys.stdlib_module_names and top not in OUR_PACKAGES
+
+
+def _missing_extra(command: str, module: str) -> str:
+    extra = EXTRAS.get(command)
+    spec = f"flava-stream[{extra}]" if extra else "flava-stream"
+    return (
+        f"flava {command}: the module {module!r} is not installed; "
+        f"this command needs the {extra or 'base'} dependencies: pip install '{spec}'"
+    )
 
 
 def _configure_logs(args: argparse.Namespace) -> bool:
@@ -52,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON lines or text; auto: text at a terminal (default: FLAVA_LOG_FORMAT, else auto)",
     )
-    sub = p.add_subparsers(required=True, metavar="COMMAND")
+    sub = p.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     serve = sub.add_parser("serve", help="run the HTTP API (settings from FLAVA_* env)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -257,6 +292,8 @@ def _serve(args) -> int:
 
 def _worker(args) -> int:
     if args.nproc > 1:  # this process becomes torchrun, which starts `flava worker` N times
+        if importlib.util.find_spec("torch") is None:  # not after the exec: a plain error then
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
         os.execv(sys.executable, torchrun_argv(args.nproc, args.max_restarts))
     from worker.main import run_worker
 

