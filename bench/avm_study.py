@@ -16,7 +16,9 @@ Variants (each changes one thing against ``base``, the authors' AVM at PretrainC
 - ``drop``: each update keeps a random half of each clip's audio and video tokens (an
   augmentation the cache allows for free);
 - ``sharp``: the matching head's attention logits x4 (is the mean over all tokens too diluted
-  for the head to see the object?).
+  for the head to see the object?);
+- ``cand``: the matching head reads only the candidates, each modality's top half by
+  importance (does pooling where selection looks make the importance aim?).
 
 ``--ablate`` measures instead what the AVM in ``--weights`` looks at: its mean P(match) on the
 true pairs of the held-out sets when the video keeps all tokens, all but the sounding
@@ -40,11 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.continual.probes import localization
-from worker.core.avm import AVM, QKV, MatchingResult
+from worker.core.avm import AVM, QKV, AVMProjections, MatchingResult
 from worker.core.clipset import ClipSet, batch_order, chunks
 from worker.core.learner import LearnerConfig, build_learner
 from worker.core.model import AVMAE, preset
 from worker.core.pretrain import CodeCache, match_codes
+from worker.core.selection import candidates
 from worker.warmstart import warm_start
 
 
@@ -60,6 +63,29 @@ class SharpAVM(AVM):
         return self.head(torch.cat([video_side.flatten(1), audio_side.flatten(1)], 1)).squeeze(-1)
 
 
+class CandidateAVM(AVM):
+    """The AVM whose matching head reads only the candidates: each modality's top half by
+    importance (as selection picks them) is all the other modality's queries attend to, and
+    all that is pooled."""
+
+    def match_logit(self, a: QKV, v: QKV) -> Tensor:
+        imp = self.importance(AVMProjections(a=a, v=v))
+        cand_a = candidates(imp.a, self.cfg.candidate_ratio)  # (B, La) bool
+        cand_v = candidates(imp.v, self.cfg.candidate_ratio)  # (B, Lv) bool
+        attend = F.scaled_dot_product_attention
+        video = attend(v.q, a.k, a.v, attn_mask=cand_a[:, None, None, :], scale=self.scale)
+        audio = attend(a.q, v.k, v.v, attn_mask=cand_v[:, None, None, :], scale=self.scale)
+        video_side = _masked_mean(video, cand_v)  # (B, H, d) over candidate video queries
+        audio_side = _masked_mean(audio, cand_a)
+        return self.head(torch.cat([video_side.flatten(1), audio_side.flatten(1)], 1)).squeeze(-1)
+
+
+def _masked_mean(x: Tensor, keep: Tensor) -> Tensor:
+    """Mean of x (B, H, L, d) over the positions keep (B, L) marks: (B, H, d)."""
+    w = keep[:, None, :, None].to(x.dtype)
+    return (x * w).sum(2) / w.sum(2)
+
+
 @dataclass(frozen=True)
 class Variant:
     avm_class: type[AVM] = AVM
@@ -72,6 +98,7 @@ VARIANTS = {
     "wd": Variant(weight_decay=0.05),
     "drop": Variant(keep=0.5),
     "sharp": Variant(avm_class=SharpAVM),
+    "cand": Variant(avm_class=CandidateAVM),
 }
 
 
