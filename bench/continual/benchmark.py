@@ -24,6 +24,7 @@ from bench.continual.config import FLAVA_FAMILY, MULTITASK, BenchConfig
 from bench.continual.report import write_report
 from bench.continual.runs import Job, PretrainJob, efficiency_job, loadavg, pretrain_job, run_job
 from bench.continual.sequences import cached_sequence, config_key
+from worker.builtin import sha256_file
 from worker.core.learner import LEARNERS
 from worker.core.model import preset
 
@@ -52,8 +53,9 @@ def _sequence_config(cfg: BenchConfig, name: str) -> Any:
 
 
 def checkpoint_path(cfg: BenchConfig, data_path: Path, seed: int) -> Path:
-    """Cached per (sequence config, pretraining config, seed)."""
-    key = config_key(data_path.name, cfg.pretrain_config(seed))
+    """Cached per (sequence config, pretraining config or start file, seed)."""
+    how = cfg.pretrain_config(seed) if cfg.start is None else sha256_file(cfg.start)
+    key = config_key(data_path.name, how)
     return cfg.cache_dir / f"pretrain-{data_path.stem}-s{seed}-{key}.pt"
 
 
@@ -62,7 +64,13 @@ def prepare(cfg: BenchConfig, pool: cf.Executor) -> tuple[list[Prepared], dict[s
     data, built, skipped = build_sequences(cfg, None if cfg.fresh_processes else pool)
     todo = {
         (name, seed): PretrainJob(
-            name, seed, str(path), str(ckpt), cfg.pretrain_config(seed), cfg.train
+            name,
+            seed,
+            str(path),
+            str(ckpt),
+            cfg.pretrain_config(seed),
+            cfg.train,
+            None if cfg.start is None else str(cfg.start),
         )
         for name, path in data.items()
         for seed in cfg.seeds_for(name)

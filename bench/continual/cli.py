@@ -24,6 +24,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         overrides["seeds_by_sequence"] = {}  # --seeds applies to every sequence
     if args.out:
         overrides["out_dir"] = args.out
+    if args.start:
+        overrides["start"] = args.start
     return make(**overrides)
 
 
@@ -35,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes in parallel")
     p.add_argument("--out", type=Path, help="report directory")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in OUT/runs")
+    p.add_argument(
+        "--start", type=Path, help="every seed starts from this flava pretrain file (exploratory)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,10 @@ class BenchConfig:
     # seed set per run seed. The budget of the committed full run, not PretrainConfig's
     # defaults (the builtin start's, about 5x longer)
     pretrain: PretrainConfig = field(default_factory=lambda: BENCH_PRETRAIN)
+    # a `flava pretrain` weights file every seed starts from instead of its own pretraining:
+    # an exploratory view (e.g. from the builtin start's longer budget), not the protocol, since
+    # seeds that share a start understate the spread
+    start: Path | None = None
     workers: int = 2  # processes in parallel
     fresh_processes: bool = True  # one new process per job (clean peak RSS; ~3 s each)
     out_dir: Path = RESULTS / "continual"

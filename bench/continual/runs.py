@@ -24,7 +24,7 @@ from worker.core.clipset import ClipSet, batch_order, concat_sets, to_batch
 from worker.core.files import atomic_torch_save
 from worker.core.learner import Learner, LearnerConfig, build_learner
 from worker.core.model import preset
-from worker.core.pretrain import PretrainConfig, pretrain
+from worker.core.pretrain import PretrainConfig, Pretrained, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,21 @@ class PretrainJob:
     checkpoint_path: str
     cfg: PretrainConfig
     train: TrainConfig  # evaluation chunk and threads
+    start: str | None = None  # a flava pretrain file to start from instead of pretraining
+
+
+def load_start(path: Path) -> Pretrained:
+    """A `flava pretrain` weights file (fp16, learner layout) as a pretraining result; its
+    log has no curves and no pretraining time."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["learner"]
+    model = {k: v.float() for k, v in state["model"].items()}
+    avm = {
+        k.removeprefix("avm."): v.float()
+        for k, v in state["extra_modules"].items()
+        if k.startswith("avm.")
+    }
+    log = {"seconds": 0.0, "backbone_loss": [], "avm_train_acc": [], "start_file": str(path)}
+    return Pretrained(model, avm, log)
 
 
 def pretrain_job(job: PretrainJob) -> dict[str, Any]:
@@ -79,7 +94,10 @@ def pretrain_job(job: PretrainJob) -> dict[str, Any]:
     seq = load_sequence(Path(job.data_path))
     ckpt_path = Path(job.checkpoint_path)
     partial = ckpt_path.with_name(ckpt_path.name + ".partial")
-    result = pretrain(*seq.pretrain, job.cfg, resume=partial)
+    if job.start is None:
+        result = pretrain(*seq.pretrain, job.cfg, resume=partial)
+    else:
+        result = load_start(Path(job.start))
     ckpt = {"model": result.model, "avm": result.avm}
     start = time.perf_counter()
     learner = start_learner("flava", job.train, job.seed, ckpt)

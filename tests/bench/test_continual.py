@@ -131,3 +131,28 @@ def test_resume_reuses_runs_and_pretrainings(quick):
     again = run_benchmark(dataclasses.replace(cfg, resume=True, methods=("er",)))
     assert again["meta"]["runs_reused"] == len(cfg.seeds)
     assert again["sequences"]["localized"]["time"]["pretrained_now"] == []
+
+
+def test_a_start_file_replaces_every_seeds_pretraining(quick):
+    """--start: each seed's checkpoint holds the file's weights (fp16 -> fp32), nothing is
+    pretrained, and the clips already cached are reused."""
+    from worker.builtin import builtin_path
+
+    cfg, _, tmp = quick
+    start = builtin_path("tiny")
+    assert start is not None
+    with_start = dataclasses.replace(
+        cfg, start=start, methods=("er",), seeds=(0,), out_dir=tmp / "out-start"
+    )
+    report = run_benchmark(with_start)
+    ckpts = sorted((tmp / "cache").glob("pretrain-*.pt"))
+    assert len(ckpts) == len(cfg.seeds) + 1  # the seeds' own, and one from the start file
+    shipped = torch.load(start, weights_only=True)["learner"]
+    ckpt = torch.load(max(ckpts, key=lambda c: c.stat().st_mtime), weights_only=True)
+    for name, value in shipped["model"].items():
+        assert torch.equal(ckpt["model"][name], value.float()), name
+    assert torch.equal(
+        ckpt["avm"]["head.0.weight"], shipped["extra_modules"]["avm.head.0.weight"].float()
+    )
+    assert ckpt["log"]["start_file"] == str(start) and ckpt["log"]["seconds"] == 0.0
+    assert report["sequences"]["localized"]["time"]["pretrained_now"] == [0]
