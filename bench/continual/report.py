@@ -186,10 +186,19 @@ def header(report: dict[str, Any]) -> list[str]:
     meta, cfg = report["meta"], report["meta"]["config"]
     t = cfg["train"]
     reused = meta.get("runs_reused")
+    start = cfg.get("start")
+    starts = (
+        f"every seed starts from `{start}` (a `flava pretrain` file; no pretraining here)"
+        if start
+        else f"every seed pretrained on its own ({cfg['pretrain']['steps']} backbone + "
+        f"{cfg['pretrain']['avm_steps']} AVM updates)"
+    )
     return [
         f"# Continual benchmark ({meta['mode']} mode)",
         "",
-        f"`python -m bench.continual --mode {meta['mode']}`: wall time "
+        f"`python -m bench.continual --mode {meta['mode']}"
+        + (f" --start {start}" if start else "")
+        + "`: wall time "
         f"{meta['wall_seconds'] / 60:.1f} min on {meta['cpus']} CPUs, {meta['workers']} runs in "
         f"parallel (preparing {meta['prepare_seconds']:.0f} s, runs {meta['runs_seconds']:.0f} s, "
         f"efficiency {meta['efficiency_seconds']:.0f} s)"
@@ -201,8 +210,7 @@ def header(report: dict[str, Any]) -> list[str]:
         + f"; load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end; "
         f"torch {meta['torch']}. Preset `{t['preset']}`, batch {t['batch']} (+ as many replayed;"
         f" multitask {2 * t['batch']} per update), {t['steps_per_task']} updates per task, lr "
-        f"{t['lr']}, replay memory {t['memory_size']} clips; every seed pretrained on its own "
-        f"({cfg['pretrain']['steps']} backbone + {cfg['pretrain']['avm_steps']} AVM updates). "
+        f"{t['lr']}, replay memory {t['memory_size']} clips; {starts}. "
         f"Code: commit {meta['code']['commit'][:10]}"
         + (f", uncommitted: {meta['code']['uncommitted']}" if meta["code"]["uncommitted"] else ""),
         "",

@@ -156,3 +156,5 @@ def test_a_start_file_replaces_every_seeds_pretraining(quick):
     )
     assert ckpt["log"]["start_file"] == str(start) and ckpt["log"]["seconds"] == 0.0
     assert report["sequences"]["localized"]["time"]["pretrained_now"] == [0]
+    table = (tmp / "out-start" / "table.md").read_text()
+    assert f"--start {start}" in table and "no pretraining here" in table
