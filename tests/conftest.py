@@ -33,32 +33,6 @@ def decode_pools_end_with_their_test(monkeypatch):
         pool.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def workers_are_freed_with_their_test(monkeypatch):
-    """Collect the cycles of every Worker a test built when the test ends.
-
-    A Worker sits in a reference cycle (its Checkpointer holds the bound ``Worker._retry``),
-    and Python's cyclic collector runs on object counts, not bytes: left to it, the Workers
-    of test_runner.py alone held 11 GB by the end of that file, and the whole suite was
-    killed for memory at 24 GB. One collection per test that built a Worker (~60 ms) frees
-    each as its test ends."""
-    import gc
-
-    from worker.runner import Worker
-
-    built: list[bool] = []
-    original = Worker.__init__
-
-    def tracked(self, *args, **kwargs):
-        built.append(True)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Worker, "__init__", tracked)
-    yield
-    if built:
-        gc.collect()
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server, for tests that stop, restart or flood Redis."""

@@ -418,3 +418,22 @@ def test_generation_checkpoint_and_rollback_lines_carry_version_and_step(
 
 def gauge(name: str, **labels) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
+
+
+def test_a_dropped_worker_is_freed_without_the_cyclic_collector(settings, client, clips, prefix):
+    """No reference cycle holds a Worker: dropping the last reference frees it (and its
+    learner), where a cycle would keep it until a collection that runs on object counts."""
+    import gc
+    import weakref
+
+    enqueue(client, wire.Keys(prefix), clips[0])
+    w = started(settings, client)
+    w.iterate()
+    w.pool.shutdown()
+    worker, learner = weakref.ref(w), weakref.ref(w.learner)
+    gc.disable()
+    try:
+        del w
+        assert worker() is None and learner() is None
+    finally:
+        gc.enable()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.worker.core.test_mmd import gaussian  # samples shared with the MMD tests
 from worker.core.learner import Batch, build_learner
 from worker.core.media import IMAGENET_MEAN, IMAGENET_STD
 from worker.core.model import preset
@@ -26,12 +27,6 @@ from worker.core.monitors import (
     mean_shift,
     reconstruction_loss,
 )
-
-
-def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g) + shift
-
 
 # ---- mean shift and input statistics -----------------------------------------------------
 
