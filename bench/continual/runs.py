@@ -25,6 +25,7 @@ from worker.core.files import atomic_torch_save
 from worker.core.learner import Learner, LearnerConfig, build_learner
 from worker.core.model import preset
 from worker.core.pretrain import PretrainConfig, Pretrained, pretrain
+from worker.warmstart import warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +74,14 @@ class PretrainJob:
     start: str | None = None  # a flava pretrain file to start from instead of pretraining
 
 
-def load_start(path: Path) -> Pretrained:
-    """A `flava pretrain` weights file (fp16, learner layout) as a pretraining result; its
-    log has no curves and no pretraining time."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["learner"]
-    model = {k: v.float() for k, v in state["model"].items()}
-    avm = {
-        k.removeprefix("avm."): v.float()
-        for k, v in state["extra_modules"].items()
-        if k.startswith("avm.")
-    }
+def load_start(path: Path, train: TrainConfig) -> Pretrained:
+    """A `flava pretrain` weights file, loaded as the worker loads it (``warm_start``), as a
+    pretraining result; its log has no curves and no pretraining time."""
+    learner = build_learner("flava", preset(train.preset), LearnerConfig(memory_size=1))
+    warm_start(learner, path)
+    avm = learner.extra_modules["avm"].state_dict()
     log = {"seconds": 0.0, "backbone_loss": [], "avm_train_acc": [], "start_file": str(path)}
-    return Pretrained(model, avm, log)
+    return Pretrained(learner.model.state_dict(), avm, log)
 
 
 def pretrain_job(job: PretrainJob) -> dict[str, Any]:
@@ -97,7 +94,7 @@ def pretrain_job(job: PretrainJob) -> dict[str, Any]:
     if job.start is None:
         result = pretrain(*seq.pretrain, job.cfg, resume=partial)
     else:
-        result = load_start(Path(job.start))
+        result = load_start(Path(job.start), job.train)
     ckpt = {"model": result.model, "avm": result.avm}
     start = time.perf_counter()
     learner = start_learner("flava", job.train, job.seed, ckpt)
